@@ -1,0 +1,128 @@
+//! The agents the core knows: their link, capacity and the attempts they hold.
+//! Connected agents are indexed by free CPUs, so placing a job is a range
+//! lookup (best fit: the least free CPUs that still fit), never a scan.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::io::GoneReason;
+use super::types::{AgentId, ConnId, JobId, Millis};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "link", rename_all = "snake_case")]
+pub enum Link {
+    Connected {
+        conn: ConnId,
+        since: Millis,
+    },
+    /// Gone; its jobs wait for it until `since + agent_grace_ms`.
+    Disconnected {
+        since: Millis,
+        reason: GoneReason,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Agent {
+    pub id: AgentId,
+    pub link: Link,
+    pub cpus: u32,
+    pub labels: BTreeMap<String, String>,
+    pub used_cpus: u32,
+    /// Jobs whose held attempt is on this agent.
+    pub jobs: BTreeSet<JobId>,
+}
+
+impl Agent {
+    pub fn free_cpus(&self) -> u32 {
+        self.cpus.saturating_sub(self.used_cpus)
+    }
+
+    pub fn conn(&self) -> Option<ConnId> {
+        match self.link {
+            Link::Connected { conn, .. } => Some(conn),
+            Link::Disconnected { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Agents {
+    map: BTreeMap<AgentId, Agent>,
+    /// (free CPUs, agent) for connected agents only.
+    free: BTreeSet<(u32, AgentId)>,
+}
+
+impl Agents {
+    pub fn get(&self, id: &AgentId) -> Option<&Agent> {
+        self.map.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Agent> {
+        self.map.values()
+    }
+
+    /// Applies `change` to an agent, keeping the free index true.
+    pub fn update<R>(&mut self, id: &AgentId, change: impl FnOnce(&mut Agent) -> R) -> Option<R> {
+        let agent = self.map.get_mut(id)?;
+        if agent.conn().is_some() {
+            self.free.remove(&(agent.free_cpus(), agent.id.clone()));
+        }
+        let result = change(agent);
+        if agent.conn().is_some() {
+            self.free.insert((agent.free_cpus(), agent.id.clone()));
+        }
+        Some(result)
+    }
+
+    /// Inserts a new agent (connected or not).
+    pub fn insert(&mut self, agent: Agent) {
+        assert!(
+            !self.map.contains_key(&agent.id),
+            "agent {} inserted twice",
+            agent.id
+        );
+        if agent.conn().is_some() {
+            self.free.insert((agent.free_cpus(), agent.id.clone()));
+        }
+        self.map.insert(agent.id.clone(), agent);
+    }
+
+    pub fn remove(&mut self, id: &AgentId) -> Option<Agent> {
+        let agent = self.map.remove(id)?;
+        if agent.conn().is_some() {
+            self.free.remove(&(agent.free_cpus(), agent.id.clone()));
+        }
+        Some(agent)
+    }
+
+    /// The connected agent with the fewest free CPUs that still has `cpus` free.
+    pub fn best_fit(&self, cpus: u32) -> Option<&AgentId> {
+        self.free
+            .range((cpus, AgentId::new(""))..)
+            .next()
+            .map(|(_, id)| id)
+    }
+
+    /// The index agrees with the agents; panics otherwise.
+    pub fn check(&self) {
+        let expected: BTreeSet<(u32, AgentId)> = self
+            .map
+            .values()
+            .filter(|a| a.conn().is_some())
+            .map(|a| (a.free_cpus(), a.id.clone()))
+            .collect();
+        assert_eq!(
+            expected, self.free,
+            "free-CPU index out of step with agents"
+        );
+        for (id, agent) in &self.map {
+            assert_eq!(id, &agent.id);
+        }
+    }
+}

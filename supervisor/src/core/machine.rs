@@ -1,0 +1,1209 @@
+//! `Core`: the scheduler's whole state and every rule that changes it.
+//!
+//! One owner, no `await`: nothing can change between two lines of this file.
+//! Each `handle(now, input)` first fires the timers due by `now`, then applies
+//! the input, then schedules, and returns the effects in the order the shell
+//! must honour: every `Persist` of the step first (one transaction), then the
+//! messages, closes, replies and events that depend on them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use super::agents::{Agent, Agents, Link};
+use super::config::CoreConfig;
+use super::io::{
+    AgentMsg, AttemptReport, CancelError, CloseReason, Effect, Event, EventKind, FinishedReport,
+    GoneReason, Input, KillReason, Reply, Requester, ToAgent,
+};
+use super::job::{Attempt, Job, Outcome, Phase, StopReason, Transition};
+use super::queue::FairQueue;
+use super::spec::{self, SubmitError, SubmitSpec};
+use super::timers::{TimerKey, Timers};
+use super::types::{AgentId, ConnId, JobId, JobState, Kind, Millis, RequestId};
+
+/// Why an attempt stopped holding its resources.
+enum Release {
+    /// The agent reported the process over.
+    Finished(FinishedReport),
+    /// The attempt is given up without a report (agent lost, forgotten, or it
+    /// never acknowledged the dispatch).
+    Abandoned(String),
+}
+
+pub struct Core {
+    config: CoreConfig,
+    now: Millis,
+    /// Live jobs: not terminal, or terminal with an attempt still being stopped.
+    jobs: BTreeMap<JobId, Job>,
+    queues: [FairQueue; 2],
+    pool_used: [u32; 2],
+    held_by_user: BTreeMap<(Arc<str>, Kind), u32>,
+    agents: Agents,
+    timers: Timers,
+    idempotency: BTreeMap<(Arc<str>, String), (JobId, Millis)>,
+    idempotency_expiry: VecDeque<(Millis, Arc<str>, String)>,
+    next_job: u64,
+    dirty: BTreeSet<JobId>,
+    out: Vec<Effect>,
+    effects: Vec<Effect>,
+}
+
+impl Core {
+    pub fn new(config: CoreConfig) -> Core {
+        Core {
+            config,
+            now: Millis(0),
+            jobs: BTreeMap::new(),
+            queues: [FairQueue::default(), FairQueue::default()],
+            pool_used: [0, 0],
+            held_by_user: BTreeMap::new(),
+            agents: Agents::default(),
+            timers: Timers::default(),
+            idempotency: BTreeMap::new(),
+            idempotency_expiry: VecDeque::new(),
+            next_job: 1,
+            dirty: BTreeSet::new(),
+            out: Vec::new(),
+            effects: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    pub fn now(&self) -> Millis {
+        self.now
+    }
+
+    /// A live job (terminal jobs leave the core once persisted; the store keeps them).
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.iter()
+    }
+
+    pub fn agent(&self, id: &AgentId) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+
+    pub fn queued(&self, kind: Kind) -> usize {
+        self.queues[kind.index()].len()
+    }
+
+    pub fn pool_used(&self, kind: Kind) -> u32 {
+        self.pool_used[kind.index()]
+    }
+
+    pub fn next_job_id(&self) -> u64 {
+        self.next_job
+    }
+
+    /// The earliest instant at which the core has something to do by itself.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.timers.next()
+    }
+
+    /// The job's place in its queue, 1 being next.
+    pub fn queue_position(&self, id: JobId) -> Option<usize> {
+        let job = self.jobs.get(&id)?;
+        if job.state != JobState::Queued {
+            return None;
+        }
+        self.queues[job.kind().index()].position(job.priority, &job.user, id)
+    }
+
+    /// What the job is doing or waiting for, in words a user understands.
+    pub fn situation(&self, id: JobId) -> Option<String> {
+        let job = self.jobs.get(&id)?;
+        let agent_link = |agent: &AgentId| {
+            self.agents.get(agent).map_or("gone", |a| match a.link {
+                Link::Connected { .. } => "connected",
+                Link::Disconnected { .. } => "disconnected",
+            })
+        };
+        let text = match (job.state, job.held()) {
+            (JobState::Queued, _) => {
+                let position = self.queue_position(id).unwrap_or(0);
+                let limits = self
+                    .config
+                    .plans
+                    .get(&*job.plan)
+                    .map(|p| p.limits(job.kind()));
+                if self.queues[job.kind().index()].is_parked(job.priority, &job.user) {
+                    let cap = limits.map_or(0, |l| l.max_running);
+                    format!(
+                        "waiting for one of your running {} jobs to end (plan {} allows {cap}), position {position}",
+                        job.kind(),
+                        job.plan
+                    )
+                } else {
+                    format!("waiting for a {} CPU slot, position {position}", job.kind())
+                }
+            }
+            (_, Some(attempt)) if agent_link(&attempt.agent) != "connected" => format!(
+                "waiting for agent {} to reconnect (attempt {})",
+                attempt.agent, attempt.number
+            ),
+            (JobState::Dispatched, Some(a)) if matches!(a.phase, Phase::Stopping { .. }) => {
+                format!(
+                    "agent {} did not start attempt {}; stopping it",
+                    a.agent, a.number
+                )
+            }
+            (JobState::Dispatched, Some(a)) => format!("starting on agent {}", a.agent),
+            (JobState::Running, Some(a)) => format!("running on agent {}", a.agent),
+            (JobState::Canceling, Some(a)) => format!("canceling on agent {}", a.agent),
+            (state, Some(a)) => format!(
+                "{state}; stopping attempt {} on agent {}",
+                a.number, a.agent
+            ),
+            (state, None) => format!("{state}: {}", job.reason),
+        };
+        Some(text)
+    }
+
+    /// Applies one input at `now` (never earlier than the last `now`).
+    pub fn handle(&mut self, now: Millis, input: Input) -> std::vec::Drain<'_, Effect> {
+        self.now = self.now.max(now);
+        self.fire_timers();
+        self.expire_idempotency();
+        match input {
+            Input::Tick => {}
+            Input::Submit {
+                request,
+                user,
+                plan,
+                spec,
+            } => self.submit(request, user, plan, spec),
+            Input::Cancel { request, by, job } => self.cancel(request, &by, job),
+            Input::AgentConnected {
+                conn,
+                agent,
+                cpus,
+                labels,
+                attempts,
+            } => self.agent_connected(conn, agent, cpus, labels, attempts),
+            Input::AgentMessage { conn, agent, msg } => self.agent_message(conn, &agent, msg),
+            Input::AgentGone {
+                conn,
+                agent,
+                reason,
+            } => {
+                if self.agents.get(&agent).and_then(Agent::conn) == Some(conn) {
+                    self.disconnect(&agent, reason);
+                }
+            }
+        }
+        self.schedule();
+        self.flush()
+    }
+
+    // ---- submit and cancel -------------------------------------------------
+
+    fn submit(
+        &mut self,
+        request: RequestId,
+        user: Arc<str>,
+        plan_name: Arc<str>,
+        spec: SubmitSpec,
+    ) {
+        match self.admit(user, plan_name, spec) {
+            Ok((job, existing)) => {
+                self.out.push(Effect::Reply {
+                    request,
+                    reply: Reply::Submitted { job, existing },
+                });
+            }
+            Err(error) => {
+                self.event(None, None, None, EventKind::Rejected, error.to_string());
+                self.out.push(Effect::Reply {
+                    request,
+                    reply: Reply::Rejected { error },
+                });
+            }
+        }
+    }
+
+    fn admit(
+        &mut self,
+        user: Arc<str>,
+        plan_name: Arc<str>,
+        submitted: SubmitSpec,
+    ) -> Result<(JobId, bool), SubmitError> {
+        if user.is_empty() || user.len() > 128 || user.chars().any(char::is_control) {
+            return Err(SubmitError::BadUser);
+        }
+        let plan = self
+            .config
+            .plans
+            .get(&*plan_name)
+            .ok_or_else(|| SubmitError::UnknownPlan {
+                plan: spec::truncated(&plan_name, 64),
+            })?;
+        let priority = plan.priority;
+        let job_spec = spec::validate(&self.config, &plan_name, plan, submitted)?;
+        if let Some(key) = &job_spec.idempotency_key {
+            if let Some((job, _)) = self.idempotency.get(&(user.clone(), key.clone())) {
+                return Ok((*job, true));
+            }
+        }
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        if let Some(key) = &job_spec.idempotency_key {
+            self.remember_key(user.clone(), key.clone(), id, self.now);
+        }
+        let job = Job {
+            id,
+            user: user.clone(),
+            plan: plan_name,
+            priority,
+            spec: Arc::new(job_spec),
+            state: JobState::Queued,
+            submitted_at: self.now,
+            finished_at: None,
+            attempts: Vec::new(),
+            history: vec![Transition {
+                at: self.now,
+                state: JobState::Queued,
+                reason: "submitted".to_string(),
+            }],
+            exit_code: None,
+            output_tail: String::new(),
+            reason: "submitted".to_string(),
+        };
+        let kind = job.kind();
+        self.queues[kind.index()].push(priority, &user, id);
+        self.jobs.insert(id, job);
+        self.rearm(id);
+        self.dirty.insert(id);
+        self.event(
+            Some(id),
+            None,
+            None,
+            EventKind::Submitted,
+            format!("{kind} job for {user}"),
+        );
+        Ok((id, false))
+    }
+
+    fn remember_key(&mut self, user: Arc<str>, key: String, job: JobId, submitted_at: Millis) {
+        let expires = submitted_at.plus_secs(self.config.idempotency_window_secs);
+        if expires <= self.now {
+            return;
+        }
+        self.idempotency
+            .insert((user.clone(), key.clone()), (job, expires));
+        self.idempotency_expiry.push_back((expires, user, key));
+    }
+
+    fn expire_idempotency(&mut self) {
+        while let Some((expires, _, _)) = self.idempotency_expiry.front() {
+            if *expires > self.now {
+                break;
+            }
+            let (expires, user, key) = self.idempotency_expiry.pop_front().expect("front exists");
+            let map_key = (user, key);
+            if self
+                .idempotency
+                .get(&map_key)
+                .is_some_and(|(_, e)| *e == expires)
+            {
+                self.idempotency.remove(&map_key);
+            }
+        }
+    }
+
+    fn cancel(&mut self, request: RequestId, by: &Requester, id: JobId) {
+        let visible = self
+            .jobs
+            .get(&id)
+            .is_some_and(|job| by.admin || job.user == by.user);
+        if !visible {
+            self.out.push(Effect::Reply {
+                request,
+                reply: Reply::CancelRejected {
+                    job: id,
+                    error: CancelError::NotFound,
+                },
+            });
+            return;
+        }
+        let job = &self.jobs[&id];
+        let who = if by.admin && job.user != by.user {
+            format!("canceled by admin {}", by.user)
+        } else {
+            "canceled by its owner".to_string()
+        };
+        match (job.state, job.held().map(|a| a.phase)) {
+            (JobState::Queued, _) => {
+                let (kind, priority, user) = (job.kind(), job.priority, job.user.clone());
+                let removed = self.queues[kind.index()].remove(priority, &user, id);
+                assert!(removed, "queued job {id} missing from its queue");
+                self.set_state(id, JobState::Canceled, format!("{who} while queued"));
+            }
+            (JobState::Dispatched | JobState::Running, Some(phase)) => {
+                self.set_state(id, JobState::Canceling, who);
+                if phase == Phase::Active {
+                    self.stop_attempt(id, StopReason::Cancel);
+                }
+            }
+            // Canceling already, or terminal and still stopping: nothing more to do.
+            _ => {}
+        }
+        let state = self.jobs.get(&id).map_or(JobState::Canceled, |j| j.state);
+        self.event(
+            Some(id),
+            None,
+            None,
+            EventKind::CancelRequested,
+            format!("now {state}"),
+        );
+        self.out.push(Effect::Reply {
+            request,
+            reply: Reply::Cancel { job: id, state },
+        });
+    }
+
+    // ---- scheduling --------------------------------------------------------
+
+    /// Grants queued jobs while the head of each kind's queue fits: a CPU pool
+    /// share, the user's plan cap and CPUs on one agent, all or nothing. The
+    /// head that does not fit blocks its kind (no backfill), so a large job is
+    /// never starved by a stream of small ones.
+    fn schedule(&mut self) {
+        for kind in Kind::ALL {
+            while let Some(head) = self.queues[kind.index()].head() {
+                let job = &self.jobs[&head.job];
+                let cpus = job.spec.cpus;
+                let cap = self
+                    .config
+                    .plans
+                    .get(&*job.plan)
+                    .map_or(0, |p| p.limits(kind).max_running);
+                let held = self
+                    .held_by_user
+                    .get(&(head.user.clone(), kind))
+                    .copied()
+                    .unwrap_or(0);
+                if held >= cap {
+                    self.queues[kind.index()].park_head(&head);
+                    continue;
+                }
+                let pool_free = self
+                    .config
+                    .pool_cpus(kind)
+                    .saturating_sub(self.pool_used[kind.index()]);
+                if pool_free < cpus {
+                    break;
+                }
+                let Some(agent) = self.agents.best_fit(cpus).cloned() else {
+                    break;
+                };
+                let id = self.queues[kind.index()].pop_head(&head);
+                self.dispatch(id, agent);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, id: JobId, agent_id: AgentId) {
+        let job = self.jobs.get_mut(&id).expect("dispatched job exists");
+        let number = job.next_attempt_number();
+        let cpus = job.spec.cpus;
+        let kind = job.kind();
+        job.attempts.push(Attempt {
+            number,
+            agent: agent_id.clone(),
+            cpus,
+            dispatched_at: self.now,
+            started_at: None,
+            ended_at: None,
+            phase: Phase::Active,
+            outcome: None,
+            run_ms: None,
+        });
+        let spec = job.spec.clone();
+        let user = job.user.clone();
+        self.hold(&agent_id, id, &user, kind, cpus);
+        let conn = self
+            .agents
+            .get(&agent_id)
+            .and_then(Agent::conn)
+            .expect("dispatch to a connected agent");
+        self.set_state(
+            id,
+            JobState::Dispatched,
+            format!("attempt {number} on agent {agent_id}"),
+        );
+        self.out.push(Effect::Send {
+            agent: agent_id.clone(),
+            conn,
+            msg: ToAgent::Run {
+                job: id,
+                attempt: number,
+                spec,
+            },
+        });
+    }
+
+    fn hold(&mut self, agent: &AgentId, id: JobId, user: &Arc<str>, kind: Kind, cpus: u32) {
+        self.agents
+            .update(agent, |a| {
+                a.used_cpus += cpus;
+                a.jobs.insert(id);
+            })
+            .expect("hold on a known agent");
+        self.pool_used[kind.index()] += cpus;
+        *self.held_by_user.entry((user.clone(), kind)).or_insert(0) += 1;
+    }
+
+    /// Ends the held attempt of `id` and gives back everything it held, then
+    /// decides what becomes of the job.
+    fn release(&mut self, id: JobId, why: Release) {
+        let now = self.now;
+        let job = self.jobs.get_mut(&id).expect("released job exists");
+        let kind = job.kind();
+        let user = job.user.clone();
+        let attempt = job.held_mut().expect("released job holds an attempt");
+        let stop = match attempt.phase {
+            Phase::Stopping { reason, .. } => Some(reason),
+            _ => None,
+        };
+        attempt.phase = Phase::Ended;
+        attempt.ended_at = Some(now);
+        let (agent, cpus, number) = (attempt.agent.clone(), attempt.cpus, attempt.number);
+        let reason = match &why {
+            Release::Finished(report) => {
+                attempt.outcome = Some(report.outcome.clone());
+                attempt.run_ms = Some(report.run_ms);
+                if let Outcome::Exited { code } = report.outcome {
+                    job.exit_code = Some(code);
+                }
+                job.output_tail =
+                    spec::tail(&report.output_tail, self.config.output_tail_bytes_max);
+                match stop {
+                    Some(stop) => format!("{}: {}", stop.as_str(), describe(&report.outcome)),
+                    None => describe(&report.outcome),
+                }
+            }
+            Release::Abandoned(reason) => reason.clone(),
+        };
+        let state = job.state;
+        let attempts_left = job.attempts_left();
+        self.agents
+            .update(&agent, |a| {
+                a.used_cpus -= cpus;
+                a.jobs.remove(&id);
+            })
+            .expect("release on a known agent");
+        self.pool_used[kind.index()] -= cpus;
+        let key = (user.clone(), kind);
+        let held = self
+            .held_by_user
+            .get_mut(&key)
+            .expect("user holds what it releases");
+        *held -= 1;
+        if *held == 0 {
+            self.held_by_user.remove(&key);
+        }
+        self.queues[kind.index()].unpark(&user);
+        self.event(
+            Some(id),
+            Some(number),
+            Some(agent),
+            EventKind::AttemptReleased,
+            reason.clone(),
+        );
+        match (state, why) {
+            (JobState::Canceling, _) => {
+                self.set_state(id, JobState::Canceled, format!("canceled ({reason})"))
+            }
+            (state, _) if state.is_terminal() => self.touch(id),
+            (_, Release::Finished(report)) if stop != Some(StopReason::DispatchTimeout) => {
+                match report.outcome {
+                    Outcome::Exited { code: 0 } => self.set_state(id, JobState::Succeeded, reason),
+                    _ => self.set_state(id, JobState::Failed, reason),
+                }
+            }
+            _ if attempts_left => self.requeue(id, reason),
+            _ => self.set_state(id, JobState::Lost, reason),
+        }
+    }
+
+    fn requeue(&mut self, id: JobId, reason: String) {
+        let job = &self.jobs[&id];
+        let (kind, priority, user) = (job.kind(), job.priority, job.user.clone());
+        self.queues[kind.index()].push(priority, &user, id);
+        self.set_state(id, JobState::Queued, format!("requeued: {reason}"));
+    }
+
+    /// Asks the agent to kill the held attempt; if the agent is not connected
+    /// the attempt is given up at once (a returning agent is told to kill it).
+    fn stop_attempt(&mut self, id: JobId, reason: StopReason) {
+        let now = self.now;
+        let job = self.jobs.get_mut(&id).expect("stopped job exists");
+        let attempt = job.held_mut().expect("stopped job holds an attempt");
+        let (agent, number) = (attempt.agent.clone(), attempt.number);
+        match self.agents.get(&agent).and_then(Agent::conn) {
+            Some(conn) => {
+                attempt.phase = Phase::Stopping { reason, since: now };
+                self.out.push(Effect::Send {
+                    agent: agent.clone(),
+                    conn,
+                    msg: ToAgent::Kill {
+                        job: id,
+                        attempt: number,
+                        reason: KillReason::Stop(reason),
+                    },
+                });
+                self.event(
+                    Some(id),
+                    Some(number),
+                    Some(agent),
+                    EventKind::StopRequested,
+                    reason.as_str().to_string(),
+                );
+                self.touch(id);
+            }
+            None => {
+                attempt.phase = Phase::Stopping { reason, since: now };
+                self.release(
+                    id,
+                    Release::Abandoned(format!("{}; agent {agent} not connected", reason.as_str())),
+                );
+            }
+        }
+    }
+
+    // ---- timers ------------------------------------------------------------
+
+    fn fire_timers(&mut self) {
+        while let Some((_, key)) = self.timers.pop_due(self.now) {
+            match key {
+                TimerKey::Job(id) => self.job_deadline(id),
+                TimerKey::Agent(agent) => self.agent_grace_over(&agent),
+            }
+        }
+    }
+
+    fn job_deadline(&mut self, id: JobId) {
+        let job = &self.jobs[&id];
+        match (job.state, job.held().map(|a| (a.phase, a.started_at))) {
+            (JobState::Queued, _) => {
+                let (kind, priority, user) = (job.kind(), job.priority, job.user.clone());
+                let secs = job.spec.queue_timeout_secs.unwrap_or(0);
+                self.queues[kind.index()].remove(priority, &user, id);
+                self.set_state(
+                    id,
+                    JobState::TimedOut,
+                    format!("waited in the queue more than {secs} s"),
+                );
+            }
+            (_, Some((Phase::Active, None))) => self.stop_attempt(id, StopReason::DispatchTimeout),
+            (_, Some((Phase::Active, Some(_)))) => {
+                let secs = job.spec.max_run_secs;
+                self.set_state(
+                    id,
+                    JobState::TimedOut,
+                    format!("ran more than max_run_secs={secs}"),
+                );
+                self.stop_attempt(id, StopReason::RunTimeout);
+            }
+            (_, Some((Phase::Stopping { .. }, _))) => {
+                let agent = job.held().expect("stopping attempt").agent.clone();
+                match self.agents.get(&agent).and_then(Agent::conn) {
+                    Some(conn) => {
+                        self.out.push(Effect::Close {
+                            agent: agent.clone(),
+                            conn,
+                            reason: CloseReason::Unresponsive,
+                        });
+                        self.event(
+                            Some(id),
+                            None,
+                            Some(agent.clone()),
+                            EventKind::AgentClosed,
+                            "kill not confirmed within stop_timeout_ms".to_string(),
+                        );
+                        self.disconnect(&agent, GoneReason::Unresponsive);
+                    }
+                    None => self.release(
+                        id,
+                        Release::Abandoned(format!("agent {agent} did not confirm the kill")),
+                    ),
+                }
+            }
+            (state, held) => unreachable!("job {id} in {state} with {held:?} had a deadline"),
+        }
+    }
+
+    fn agent_grace_over(&mut self, agent_id: &AgentId) {
+        let agent = self
+            .agents
+            .get(agent_id)
+            .expect("agent timer for a known agent");
+        let Link::Disconnected { reason, .. } = agent.link else {
+            unreachable!("grace timer of connected agent {agent_id}");
+        };
+        let jobs: Vec<JobId> = agent.jobs.iter().copied().collect();
+        let why = format!("agent {agent_id} lost: {}", reason.as_str());
+        self.event(
+            None,
+            None,
+            Some(agent_id.clone()),
+            EventKind::AgentLost,
+            why.clone(),
+        );
+        for id in jobs {
+            self.release(id, Release::Abandoned(why.clone()));
+        }
+        self.agents.remove(agent_id);
+    }
+
+    fn rearm(&mut self, id: JobId) {
+        let at = self.jobs.get(&id).and_then(|j| j.deadline(&self.config));
+        self.timers.set(TimerKey::Job(id), at);
+    }
+
+    // ---- agents ------------------------------------------------------------
+
+    fn agent_connected(
+        &mut self,
+        conn: ConnId,
+        agent_id: AgentId,
+        cpus: u32,
+        labels: BTreeMap<String, String>,
+        reports: Vec<AttemptReport>,
+    ) {
+        let refusal = if agent_id.as_str().is_empty()
+            || agent_id.as_str().len() > self.config.agent_id_bytes_max
+        {
+            Some(format!(
+                "agent id must be 1 to {} bytes",
+                self.config.agent_id_bytes_max
+            ))
+        } else if cpus == 0 || cpus > self.config.agent_cpus_max {
+            Some(format!(
+                "cpus must be between 1 and {}; got {cpus}",
+                self.config.agent_cpus_max
+            ))
+        } else if labels.len() > self.config.submit.labels_max
+            || labels
+                .iter()
+                .any(|(k, v)| k.len() + v.len() > self.config.submit.label_bytes_max)
+        {
+            Some("too many or too large labels".to_string())
+        } else if self.agents.get(&agent_id).is_none()
+            && self.agents.len() >= self.config.agents_max
+        {
+            Some(format!("agents_max={} reached", self.config.agents_max))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            self.event(
+                None,
+                None,
+                Some(agent_id.clone()),
+                EventKind::AgentRefused,
+                why,
+            );
+            self.out.push(Effect::Close {
+                agent: agent_id,
+                conn,
+                reason: CloseReason::Refused,
+            });
+            return;
+        }
+        let now = self.now;
+        let previous = self.agents.update(&agent_id, |a| {
+            let old = a.link;
+            a.link = Link::Connected { conn, since: now };
+            a.cpus = cpus;
+            a.labels = labels.clone();
+            old
+        });
+        match previous {
+            None => self.agents.insert(Agent {
+                id: agent_id.clone(),
+                link: Link::Connected { conn, since: now },
+                cpus,
+                labels,
+                used_cpus: 0,
+                jobs: BTreeSet::new(),
+            }),
+            Some(Link::Connected { conn: old, .. }) => {
+                self.out.push(Effect::Close {
+                    agent: agent_id.clone(),
+                    conn: old,
+                    reason: CloseReason::Replaced,
+                });
+                self.event(
+                    None,
+                    None,
+                    Some(agent_id.clone()),
+                    EventKind::AgentReplaced,
+                    "a new connection with the same id took over".to_string(),
+                );
+            }
+            Some(Link::Disconnected { .. }) => {}
+        }
+        self.timers.set(TimerKey::Agent(agent_id.clone()), None);
+        self.event(
+            None,
+            None,
+            Some(agent_id.clone()),
+            EventKind::AgentConnected,
+            format!("{cpus} cpus, reports {} attempts", reports.len()),
+        );
+        self.reconcile(conn, &agent_id, reports);
+    }
+
+    /// Brings the core's view of what runs on `agent_id` in line with what
+    /// the agent says: kept, finished, forgotten, or not ours to run.
+    fn reconcile(&mut self, conn: ConnId, agent_id: &AgentId, reports: Vec<AttemptReport>) {
+        let mut reported: BTreeMap<(JobId, u32), AttemptReport> = BTreeMap::new();
+        for report in reports {
+            reported.insert((report.job, report.attempt), report);
+        }
+        let held: Vec<JobId> = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.jobs.iter().copied().collect())
+            .unwrap_or_default();
+        for id in held {
+            let attempt = self.jobs[&id].held().expect("agent lists a held job");
+            let (number, phase) = (attempt.number, attempt.phase);
+            match reported.remove(&(id, number)) {
+                Some(report) => match report.finished {
+                    Some(finished) => self.finished(conn, agent_id, id, number, finished),
+                    None => match phase {
+                        Phase::Active => self.started(agent_id, id, number),
+                        Phase::Stopping { reason, .. } => {
+                            self.out.push(Effect::Send {
+                                agent: agent_id.clone(),
+                                conn,
+                                msg: ToAgent::Kill {
+                                    job: id,
+                                    attempt: number,
+                                    reason: KillReason::Stop(reason),
+                                },
+                            });
+                        }
+                        Phase::Ended => unreachable!("held attempt ended"),
+                    },
+                },
+                None => {
+                    self.release(
+                        id,
+                        Release::Abandoned(format!(
+                            "agent {agent_id} came back without attempt {number}"
+                        )),
+                    );
+                }
+            }
+        }
+        for ((id, _), report) in reported {
+            self.stale(
+                conn,
+                agent_id,
+                id,
+                report.attempt,
+                report.finished.is_some(),
+                "not an attempt this supervisor owns",
+            );
+        }
+    }
+
+    /// A report about an attempt the core does not own: finished ones are
+    /// acknowledged (so the agent's outbox drains), running ones are killed.
+    fn stale(
+        &mut self,
+        conn: ConnId,
+        agent: &AgentId,
+        id: JobId,
+        attempt: u32,
+        finished: bool,
+        why: &str,
+    ) {
+        self.event(
+            Some(id),
+            Some(attempt),
+            Some(agent.clone()),
+            EventKind::StaleReport,
+            why.to_string(),
+        );
+        let msg = if finished {
+            ToAgent::Ack { job: id, attempt }
+        } else {
+            ToAgent::Kill {
+                job: id,
+                attempt,
+                reason: KillReason::NotOwned,
+            }
+        };
+        self.out.push(Effect::Send {
+            agent: agent.clone(),
+            conn,
+            msg,
+        });
+    }
+
+    fn agent_message(&mut self, conn: ConnId, agent_id: &AgentId, msg: AgentMsg) {
+        if self.agents.get(agent_id).and_then(Agent::conn) != Some(conn) {
+            // A message from a replaced or closed connection: its news comes
+            // again in the hello of the connection that replaced it.
+            return;
+        }
+        match msg {
+            AgentMsg::Started { job, attempt } => {
+                if self.owns(agent_id, job, attempt) {
+                    self.started(agent_id, job, attempt);
+                } else {
+                    self.stale(
+                        conn,
+                        agent_id,
+                        job,
+                        attempt,
+                        false,
+                        "started: not an attempt this supervisor owns",
+                    );
+                }
+            }
+            AgentMsg::Finished {
+                job,
+                attempt,
+                outcome,
+                output_tail,
+                run_ms,
+            } => {
+                let report = FinishedReport {
+                    outcome,
+                    output_tail,
+                    run_ms,
+                };
+                if self.owns(agent_id, job, attempt) {
+                    self.finished(conn, agent_id, job, attempt, report);
+                } else {
+                    self.stale(
+                        conn,
+                        agent_id,
+                        job,
+                        attempt,
+                        true,
+                        "finished: not an attempt this supervisor owns",
+                    );
+                }
+            }
+        }
+    }
+
+    fn owns(&self, agent: &AgentId, id: JobId, number: u32) -> bool {
+        self.jobs
+            .get(&id)
+            .and_then(Job::held)
+            .is_some_and(|a| a.number == number && &a.agent == agent)
+    }
+
+    fn started(&mut self, agent: &AgentId, id: JobId, number: u32) {
+        let now = self.now;
+        let job = self.jobs.get_mut(&id).expect("owned job");
+        let attempt = job.held_mut().expect("owned attempt");
+        if attempt.phase != Phase::Active || attempt.started_at.is_some() {
+            return;
+        }
+        attempt.started_at = Some(now);
+        self.set_state(
+            id,
+            JobState::Running,
+            format!("attempt {number} started on agent {agent}"),
+        );
+    }
+
+    fn finished(
+        &mut self,
+        conn: ConnId,
+        agent: &AgentId,
+        id: JobId,
+        number: u32,
+        report: FinishedReport,
+    ) {
+        self.event(
+            Some(id),
+            Some(number),
+            Some(agent.clone()),
+            EventKind::Finished,
+            describe(&report.outcome),
+        );
+        self.release(id, Release::Finished(report));
+        self.out.push(Effect::Send {
+            agent: agent.clone(),
+            conn,
+            msg: ToAgent::Ack {
+                job: id,
+                attempt: number,
+            },
+        });
+    }
+
+    /// The agent's connection is gone: its capacity leaves the pool, attempts
+    /// being stopped are given up, running ones wait out the grace period.
+    fn disconnect(&mut self, agent_id: &AgentId, reason: GoneReason) {
+        let now = self.now;
+        let jobs = self
+            .agents
+            .update(agent_id, |a| {
+                a.link = Link::Disconnected { since: now, reason };
+                a.jobs.iter().copied().collect::<Vec<_>>()
+            })
+            .expect("disconnect of a known agent");
+        self.timers.set(
+            TimerKey::Agent(agent_id.clone()),
+            Some(now.plus_ms(self.config.agent_grace_ms)),
+        );
+        self.event(
+            None,
+            None,
+            Some(agent_id.clone()),
+            EventKind::AgentDisconnected,
+            reason.as_str().to_string(),
+        );
+        for id in jobs {
+            let phase = self.jobs[&id].held().expect("agent lists a held job").phase;
+            if let Phase::Stopping { reason: stop, .. } = phase {
+                self.release(
+                    id,
+                    Release::Abandoned(format!("{}; agent {agent_id} disconnected", stop.as_str())),
+                );
+            }
+        }
+    }
+
+    // ---- bookkeeping -------------------------------------------------------
+
+    fn set_state(&mut self, id: JobId, state: JobState, reason: String) {
+        let now = self.now;
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        assert!(
+            !job.state.is_terminal(),
+            "job {id}: terminal state {} cannot become {state}",
+            job.state
+        );
+        let reason = spec::truncated(&reason, self.config.reason_bytes_max);
+        job.state = state;
+        job.reason.clone_from(&reason);
+        job.history.push(Transition {
+            at: now,
+            state,
+            reason: reason.clone(),
+        });
+        if state.is_terminal() {
+            job.finished_at = Some(now);
+        }
+        let attempt = job.attempts.last().map(|a| a.number);
+        let agent = job.attempts.last().map(|a| a.agent.clone());
+        let kind = match state {
+            JobState::Queued => EventKind::Requeued,
+            JobState::Dispatched => EventKind::Dispatched,
+            JobState::Running => EventKind::Started,
+            JobState::Canceling => EventKind::CancelRequested,
+            _ => EventKind::Ended,
+        };
+        self.event(Some(id), attempt, agent, kind, format!("{state}: {reason}"));
+        self.touch(id);
+    }
+
+    /// Marks the job's record for this step's transaction and re-derives its timer.
+    fn touch(&mut self, id: JobId) {
+        self.dirty.insert(id);
+        self.rearm(id);
+    }
+
+    fn event(
+        &mut self,
+        job: Option<JobId>,
+        attempt: Option<u32>,
+        agent: Option<AgentId>,
+        kind: EventKind,
+        reason: String,
+    ) {
+        self.out.push(Effect::Event(Event {
+            at: self.now,
+            job,
+            attempt,
+            agent,
+            kind,
+            reason,
+        }));
+    }
+
+    /// Orders this step's effects: persists first, then the rest; retires
+    /// jobs that are over and hold nothing (the store keeps them).
+    fn flush(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.effects.clear();
+        for id in std::mem::take(&mut self.dirty) {
+            let done = self
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.state.is_terminal() && j.held().is_none());
+            let record = if done {
+                self.timers.set(TimerKey::Job(id), None);
+                self.jobs.remove(&id).expect("done job exists")
+            } else {
+                self.jobs[&id].clone()
+            };
+            self.effects.push(Effect::Persist {
+                job: Box::new(record),
+            });
+        }
+        self.effects.append(&mut self.out);
+        self.effects.drain(..)
+    }
+
+    pub(super) fn parts(&self) -> Parts<'_> {
+        Parts {
+            config: &self.config,
+            jobs: &self.jobs,
+            queues: &self.queues,
+            pool_used: &self.pool_used,
+            held_by_user: &self.held_by_user,
+            agents: &self.agents,
+            timers: &self.timers,
+        }
+    }
+
+    /// Rebuilds the core from the store after a restart. Records are every
+    /// job that is not over, plus recent ones (for their idempotency keys);
+    /// `next_job_id` is past every id the store ever gave out. Jobs that held
+    /// an attempt wait for their agent to come back within the grace period.
+    pub fn restore(
+        config: CoreConfig,
+        now: Millis,
+        records: impl IntoIterator<Item = Job>,
+        next_job_id: u64,
+    ) -> Result<Core, RestoreError> {
+        let mut core = Core::new(config);
+        core.now = now;
+        core.next_job = next_job_id.max(1);
+        for job in records {
+            check_record(&job, core.next_job)?;
+            if let Some(key) = &job.spec.idempotency_key {
+                core.remember_key(job.user.clone(), key.clone(), job.id, job.submitted_at);
+            }
+            if job.state.is_terminal() && job.held().is_none() {
+                continue;
+            }
+            if core.jobs.contains_key(&job.id) {
+                return Err(RestoreError::new(job.id, "appears twice"));
+            }
+            let id = job.id;
+            let kind = job.kind();
+            if job.state == JobState::Queued {
+                core.queues[kind.index()].push(job.priority, &job.user, id);
+            }
+            if let Some(attempt) = job.held() {
+                let agent = attempt.agent.clone();
+                if core.agents.get(&agent).is_none() {
+                    core.agents.insert(Agent {
+                        id: agent.clone(),
+                        link: Link::Disconnected {
+                            since: now,
+                            reason: GoneReason::Closed,
+                        },
+                        cpus: attempt.cpus,
+                        labels: BTreeMap::new(),
+                        used_cpus: 0,
+                        jobs: BTreeSet::new(),
+                    });
+                    core.timers.set(
+                        TimerKey::Agent(agent.clone()),
+                        Some(now.plus_ms(core.config.agent_grace_ms)),
+                    );
+                }
+                let (cpus, user) = (attempt.cpus, job.user.clone());
+                core.agents
+                    .update(&agent, |a| a.cpus = a.cpus.max(a.used_cpus + cpus));
+                core.hold(&agent, id, &user, kind, cpus);
+            }
+            core.jobs.insert(id, job);
+            core.rearm(id);
+        }
+        core.out.clear();
+        Ok(core)
+    }
+}
+
+/// A record the store handed back that the core cannot trust.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("job {job}: record {problem}")]
+pub struct RestoreError {
+    pub job: JobId,
+    pub problem: String,
+}
+
+impl RestoreError {
+    fn new(job: JobId, problem: &str) -> RestoreError {
+        RestoreError {
+            job,
+            problem: problem.to_string(),
+        }
+    }
+}
+
+fn check_record(job: &Job, next_job: u64) -> Result<(), RestoreError> {
+    let fail = |p: &str| Err(RestoreError::new(job.id, p));
+    if job.id.0 == 0 || job.id.0 >= next_job {
+        return fail("has an id at or past the next id");
+    }
+    for (i, a) in job.attempts.iter().enumerate() {
+        if a.number as usize != i + 1 {
+            return fail("has attempts out of order");
+        }
+        if a.holds() && i + 1 != job.attempts.len() {
+            return fail("has an earlier attempt still holding resources");
+        }
+        if a.cpus != job.spec.cpus {
+            return fail("has an attempt whose cpus differ from the job's");
+        }
+    }
+    let held = job.held().map(|a| a.phase);
+    let consistent = match job.state {
+        JobState::Queued => held.is_none(),
+        JobState::Dispatched | JobState::Running => held.is_some(),
+        JobState::Canceling => matches!(held, Some(Phase::Stopping { .. })),
+        _ => matches!(held, None | Some(Phase::Stopping { .. })),
+    };
+    if !consistent {
+        return fail("has a state that does not match its attempts");
+    }
+    if job.attempts.len() as u32 > job.spec.max_attempts {
+        return fail("has more attempts than it allows");
+    }
+    Ok(())
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Exited { code } => format!("exited with code {code}"),
+        Outcome::Signaled { signal } => format!("killed by signal {signal}"),
+        Outcome::Killed => "killed on request".to_string(),
+        Outcome::SpawnFailed { error } => format!("could not start: {error}"),
+    }
+}
+
+/// Read-only view of the core's internals, for `check_invariants`.
+pub(super) struct Parts<'a> {
+    pub config: &'a CoreConfig,
+    pub jobs: &'a BTreeMap<JobId, Job>,
+    pub queues: &'a [FairQueue; 2],
+    pub pool_used: &'a [u32; 2],
+    pub held_by_user: &'a BTreeMap<(Arc<str>, Kind), u32>,
+    pub agents: &'a Agents,
+    pub timers: &'a Timers,
+}

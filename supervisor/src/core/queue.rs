@@ -1,0 +1,224 @@
+//! The fair queue of one kind of job: plan priority first (higher served
+//! first), round-robin across users within a priority, FIFO within a user.
+//!
+//! A waiting job is an entry here and nothing else: no task waits on it, so
+//! removing the entry is all a cancel has to do. Users whose plan cap is
+//! reached are parked out of the ring, so one scheduling decision looks at
+//! one user's head, never at the whole queue.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use super::types::JobId;
+
+#[derive(Clone, Debug, Default)]
+struct Level {
+    /// Users with waiting jobs whose turn comes in this order.
+    ring: VecDeque<Arc<str>>,
+    /// Users with waiting jobs who hold all their plan allows.
+    parked: BTreeSet<Arc<str>>,
+    /// Each user's waiting jobs, oldest first (sorted by id).
+    jobs: BTreeMap<Arc<str>, VecDeque<JobId>>,
+    len: usize,
+}
+
+/// Where the next decision looks: the front user of the highest level that
+/// has one, and that user's oldest job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub priority: u8,
+    pub user: Arc<str>,
+    pub job: JobId,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FairQueue {
+    levels: BTreeMap<Reverse<u8>, Level>,
+    len: usize,
+}
+
+impl FairQueue {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Adds `job` in id order among the user's jobs (a requeued job goes back
+    /// before later submissions). A user new to the level joins the ring's back.
+    pub fn push(&mut self, priority: u8, user: &Arc<str>, job: JobId) {
+        let level = self.levels.entry(Reverse(priority)).or_default();
+        let jobs = level.jobs.entry(user.clone()).or_default();
+        let was_empty = jobs.is_empty();
+        let at = jobs.partition_point(|j| *j < job);
+        assert!(jobs.get(at) != Some(&job), "job {job} queued twice");
+        jobs.insert(at, job);
+        if was_empty {
+            level.ring.push_back(user.clone());
+        }
+        level.len += 1;
+        self.len += 1;
+    }
+
+    /// Removes a waiting job; false if it was not here.
+    pub fn remove(&mut self, priority: u8, user: &Arc<str>, job: JobId) -> bool {
+        let Some(level) = self.levels.get_mut(&Reverse(priority)) else {
+            return false;
+        };
+        let Some(jobs) = level.jobs.get_mut(user) else {
+            return false;
+        };
+        let Ok(at) = jobs.binary_search(&job) else {
+            return false;
+        };
+        jobs.remove(at);
+        if jobs.is_empty() {
+            level.jobs.remove(user);
+            if !level.parked.remove(user) {
+                let pos = level.ring.iter().position(|u| u == user);
+                level
+                    .ring
+                    .remove(pos.expect("user with jobs is in the ring or parked"));
+            }
+        }
+        level.len -= 1;
+        self.len -= 1;
+        if level.len == 0 {
+            self.levels.remove(&Reverse(priority));
+        }
+        true
+    }
+
+    pub fn head(&self) -> Option<Head> {
+        self.levels.iter().find_map(|(Reverse(priority), level)| {
+            let user = level.ring.front()?;
+            let job = *level.jobs[user].front().expect("ring users have jobs");
+            Some(Head {
+                priority: *priority,
+                user: user.clone(),
+                job,
+            })
+        })
+    }
+
+    /// Takes the head's job; its user moves to the back of the ring.
+    pub fn pop_head(&mut self, head: &Head) -> JobId {
+        let level = self
+            .levels
+            .get_mut(&Reverse(head.priority))
+            .expect("head level exists");
+        let user = level.ring.pop_front().expect("head user in ring");
+        debug_assert_eq!(user, head.user);
+        let jobs = level.jobs.get_mut(&user).expect("ring user has jobs");
+        let job = jobs.pop_front().expect("ring user has jobs");
+        debug_assert_eq!(job, head.job);
+        if jobs.is_empty() {
+            level.jobs.remove(&user);
+        } else {
+            level.ring.push_back(user);
+        }
+        level.len -= 1;
+        self.len -= 1;
+        if level.len == 0 {
+            self.levels.remove(&Reverse(head.priority));
+        }
+        job
+    }
+
+    /// The head's user holds all its plan allows: out of the ring until `unpark`.
+    pub fn park_head(&mut self, head: &Head) {
+        let level = self
+            .levels
+            .get_mut(&Reverse(head.priority))
+            .expect("head level exists");
+        let user = level.ring.pop_front().expect("head user in ring");
+        debug_assert_eq!(user, head.user);
+        level.parked.insert(user);
+    }
+
+    /// The user released something: back into every ring it was parked out of.
+    pub fn unpark(&mut self, user: &Arc<str>) {
+        for level in self.levels.values_mut() {
+            if level.parked.remove(user) {
+                level.ring.push_back(user.clone());
+            }
+        }
+    }
+
+    pub fn is_parked(&self, priority: u8, user: &Arc<str>) -> bool {
+        self.levels
+            .get(&Reverse(priority))
+            .is_some_and(|l| l.parked.contains(user))
+    }
+
+    /// The job's place in line, 1 being next: every job of a higher priority,
+    /// then the round-robin turns of the other users of its level before it.
+    /// Costs one pass over the users of the level, not over the jobs.
+    pub fn position(&self, priority: u8, user: &Arc<str>, job: JobId) -> Option<usize> {
+        let mut position = 0;
+        for (Reverse(p), level) in &self.levels {
+            if *p != priority {
+                position += level.len;
+                continue;
+            }
+            let index = level.jobs.get(user)?.binary_search(&job).ok()?;
+            let rank = |u: &Arc<str>| {
+                level
+                    .ring
+                    .iter()
+                    .position(|r| r == u)
+                    .unwrap_or(level.ring.len() + 1)
+            };
+            let own_rank = rank(user);
+            for (other, jobs) in &level.jobs {
+                if other == user {
+                    continue;
+                }
+                position += jobs.len().min(index);
+                if jobs.len() > index && rank(other) < own_rank {
+                    position += 1;
+                }
+            }
+            return Some(position + index + 1);
+        }
+        None
+    }
+
+    /// Every waiting job with its priority and user, level by level, in
+    /// per-user FIFO order (for invariant checks and restore tests).
+    pub fn entries(&self) -> impl Iterator<Item = (u8, &Arc<str>, JobId)> + '_ {
+        self.levels.iter().flat_map(|(Reverse(p), level)| {
+            level
+                .jobs
+                .iter()
+                .flat_map(move |(user, jobs)| jobs.iter().map(move |j| (*p, user, *j)))
+        })
+    }
+
+    /// The queue's own consistency; panics on a violation.
+    pub fn check(&self) {
+        let mut total = 0;
+        for (Reverse(p), level) in &self.levels {
+            assert!(level.len > 0, "empty level {p} kept");
+            let mut len = 0;
+            for (user, jobs) in &level.jobs {
+                assert!(!jobs.is_empty(), "user {user} kept with no jobs");
+                assert!(
+                    jobs.iter().zip(jobs.iter().skip(1)).all(|(a, b)| a < b),
+                    "user {user}'s jobs are not in FIFO (id) order"
+                );
+                let in_ring = level.ring.iter().filter(|u| *u == user).count();
+                let parked = usize::from(level.parked.contains(user));
+                assert_eq!(
+                    in_ring + parked,
+                    1,
+                    "user {user} must be in the ring or parked, once"
+                );
+                len += jobs.len();
+            }
+            assert_eq!(level.ring.len() + level.parked.len(), level.jobs.len());
+            assert_eq!(len, level.len, "level {p} length");
+            total += len;
+        }
+        assert_eq!(total, self.len, "queue length");
+    }
+}

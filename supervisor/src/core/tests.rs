@@ -1,0 +1,1090 @@
+//! The core's rules, one test each, named like the incident they prevent.
+
+use std::collections::BTreeMap;
+
+use super::testkit::*;
+use super::*;
+
+fn harness() -> Harness {
+    Harness::new(basic_config())
+}
+
+// ---- submit --------------------------------------------------------------
+
+#[test]
+fn submit_bad_input_gets_a_typed_error_and_nothing_is_queued() {
+    let mut h = harness();
+    let limits = SubmitLimits::default();
+    let cases: Vec<(SubmitSpec, &str)> = vec![
+        (cmd(&[]), "argv is empty"),
+        (cmd(&[""]), "argv[0] is empty"),
+        (
+            SubmitSpec {
+                argv: vec!["x".into(); limits.argv_items_max + 1],
+                ..cmd(&["x"])
+            },
+            "argv has",
+        ),
+        (
+            cmd(&["echo", &"a".repeat(limits.argv_bytes_max)]),
+            "argv is",
+        ),
+        (cmd(&["echo", "a\0b"]), "NUL"),
+        (
+            SubmitSpec {
+                env: BTreeMap::from([("A=B".into(), "1".into())]),
+                ..cmd(&["x"])
+            },
+            "env name",
+        ),
+        (
+            SubmitSpec {
+                env: BTreeMap::from([(String::new(), "1".into())]),
+                ..cmd(&["x"])
+            },
+            "env name",
+        ),
+        (
+            SubmitSpec {
+                env: (0..=limits.env_items_max)
+                    .map(|i| (format!("K{i}"), "v".into()))
+                    .collect(),
+                ..cmd(&["x"])
+            },
+            "env has",
+        ),
+        (
+            SubmitSpec {
+                labels: (0..=limits.labels_max)
+                    .map(|i| (format!("l{i}"), "v".into()))
+                    .collect(),
+                ..cmd(&["x"])
+            },
+            "labels has",
+        ),
+        (
+            SubmitSpec {
+                labels: BTreeMap::from([("k".into(), "v".repeat(300))]),
+                ..cmd(&["x"])
+            },
+            "label is",
+        ),
+        (
+            SubmitSpec {
+                kind: "gpu".into(),
+                ..cmd(&["x"])
+            },
+            "unknown kind \"gpu\"",
+        ),
+        (
+            SubmitSpec {
+                cpus: 0,
+                ..cmd(&["x"])
+            },
+            "cpus must be between 1 and 256",
+        ),
+        (
+            SubmitSpec {
+                cpus: 257,
+                ..cmd(&["x"])
+            },
+            "cpus must be",
+        ),
+        (
+            SubmitSpec {
+                max_run_secs: Some(0),
+                ..cmd(&["x"])
+            },
+            "max_run_secs",
+        ),
+        (
+            SubmitSpec {
+                max_run_secs: Some(3601),
+                ..cmd(&["x"])
+            },
+            "max_run_secs must be between 1 and 3600",
+        ),
+        (
+            SubmitSpec {
+                max_attempts: 0,
+                ..cmd(&["x"])
+            },
+            "max_attempts",
+        ),
+        (
+            SubmitSpec {
+                max_attempts: 11,
+                ..cmd(&["x"])
+            },
+            "max_attempts",
+        ),
+        (
+            SubmitSpec {
+                queue_timeout_secs: Some(0),
+                ..cmd(&["x"])
+            },
+            "queue_timeout_secs",
+        ),
+        (
+            SubmitSpec {
+                cwd: Some("/\0".into()),
+                ..cmd(&["x"])
+            },
+            "cwd contains a NUL",
+        ),
+        (
+            SubmitSpec {
+                idempotency_key: Some("k".repeat(257)),
+                ..cmd(&["x"])
+            },
+            "idempotency_key is",
+        ),
+    ];
+    for (spec, expected) in cases {
+        match h.try_submit("ana", "basic", spec) {
+            Reply::Rejected { error } => {
+                assert!(
+                    error.to_string().contains(expected),
+                    "{error} should mention {expected:?}"
+                )
+            }
+            other => panic!("expected a rejection mentioning {expected:?}, got {other:?}"),
+        }
+    }
+    match h.try_submit("ana", "gold", cmd(&["x"])) {
+        Reply::Rejected {
+            error: SubmitError::UnknownPlan { plan },
+        } => assert_eq!(plan, "gold"),
+        other => panic!("{other:?}"),
+    }
+    for user in ["", "a\nb", &"u".repeat(129)] {
+        assert!(matches!(
+            h.try_submit(user, "basic", cmd(&["x"])),
+            Reply::Rejected {
+                error: SubmitError::BadUser
+            }
+        ));
+    }
+    assert!(h.store.is_empty(), "a rejected submission wrote nothing");
+    assert_eq!(
+        h.core.queued(Kind::Sequential) + h.core.queued(Kind::Parallel),
+        0
+    );
+}
+
+#[test]
+fn submit_a_repeated_idempotency_key_returns_the_first_job_until_the_window_ends() {
+    let mut h = harness();
+    let spec = SubmitSpec {
+        idempotency_key: Some("run-42".into()),
+        ..cmd(&["sim"])
+    };
+    let first = h.submit("ana", "basic", spec.clone());
+    assert_eq!(
+        h.try_submit("ana", "basic", spec.clone()),
+        Reply::Submitted {
+            job: first,
+            existing: true
+        }
+    );
+    // Another user's identical key is their own.
+    let bob = h.submit("bob", "basic", spec.clone());
+    assert_ne!(bob, first);
+    // Still the first job after it ended and left the core.
+    h.cancel(first);
+    assert_eq!(
+        h.try_submit("ana", "basic", spec.clone()),
+        Reply::Submitted {
+            job: first,
+            existing: true
+        }
+    );
+    h.advance(h.core.config().idempotency_window_secs * 1000);
+    match h.try_submit("ana", "basic", spec) {
+        Reply::Submitted {
+            job,
+            existing: false,
+        } => assert!(job > bob),
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---- fair queue ------------------------------------------------------------
+
+#[test]
+fn queue_premium_plan_is_served_before_basic() {
+    let mut h = harness();
+    let basic = h.submit("ana", "basic", cmd(&["a"]));
+    let premium = h.submit("bob", "premium", cmd(&["b"]));
+    assert_eq!(h.core.queue_position(premium), Some(1));
+    assert_eq!(h.core.queue_position(basic), Some(2));
+    let effects = h.connect("a1", 1);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), premium, 1)]);
+}
+
+#[test]
+fn queue_round_robin_across_users_fifo_within_a_user() {
+    let mut h = harness();
+    let a1 = h.submit("ana", "basic", cmd(&["a1"]));
+    let a2 = h.submit("ana", "basic", cmd(&["a2"]));
+    let a3 = h.submit("ana", "basic", cmd(&["a3"]));
+    let b1 = h.submit("bob", "basic", cmd(&["b1"]));
+    let c1 = h.submit("cy", "basic", cmd(&["c1"]));
+    let expected = [a1, b1, c1, a2, a3];
+    for (i, job) in expected.iter().enumerate() {
+        assert_eq!(
+            h.core.queue_position(*job),
+            Some(i + 1),
+            "position of {job}"
+        );
+    }
+    h.connect("w", 1);
+    let mut order = Vec::new();
+    for _ in 0..expected.len() {
+        let (agent, job, attempt) = runs(&h.log).last().cloned().expect("a run");
+        order.push(job);
+        h.started(&agent, job, attempt);
+        h.exited(&agent, job, attempt, 0);
+    }
+    assert_eq!(order, expected);
+}
+
+#[test]
+fn queue_situation_names_the_slot_and_the_position() {
+    let mut h = harness();
+    h.connect("a1", 2);
+    let running = h.submit("ana", "basic", parallel(2));
+    let waiting: Vec<JobId> = ["bob", "cy", "dee"]
+        .iter()
+        .map(|u| h.submit(u, "basic", parallel(1)))
+        .collect();
+    assert_eq!(h.core.situation(running).unwrap(), "starting on agent a1");
+    assert_eq!(
+        h.core.situation(waiting[2]).unwrap(),
+        "waiting for a parallel CPU slot, position 3"
+    );
+    // Ana's second parallel job waits for her own: basic allows one.
+    let second = h.submit("ana", "basic", parallel(1));
+    h.exited("a1", waiting[0], 1, 0); // stale: not dispatched, ignored
+    assert!(h
+        .core
+        .situation(second)
+        .unwrap()
+        .starts_with("waiting for a parallel CPU slot"));
+}
+
+#[test]
+fn grant_is_all_or_nothing_and_a_large_job_is_not_overtaken() {
+    let mut h = harness();
+    h.connect("a1", 2);
+    h.connect("a2", 2);
+    let small = h.submit("ana", "premium", parallel(1));
+    let big = h.submit("bob", "premium", parallel(4));
+    let later = h.submit("cy", "premium", parallel(1));
+    let placed: Vec<JobId> = runs(&h.log).iter().map(|r| r.1).collect();
+    assert_eq!(
+        placed,
+        vec![small],
+        "the 4-cpu job takes no partial grant; the later one does not jump it"
+    );
+    assert_eq!(h.state(big), JobState::Queued);
+    assert_eq!(h.state(later), JobState::Queued);
+    // An agent big enough arrives: the big job goes first, whole.
+    let effects = h.connect("big", 4);
+    assert_eq!(runs(&effects)[0], ("big".to_string(), big, 1));
+    assert_eq!(h.core.agent(&AgentId::new("big")).unwrap().used_cpus, 4);
+}
+
+#[test]
+fn plan_cap_parks_the_user_and_the_next_user_gets_the_slot() {
+    let mut h = harness();
+    h.connect("a1", 8);
+    let ana1 = h.submit("ana", "basic", parallel(1));
+    let ana2 = h.submit("ana", "basic", parallel(1));
+    let bob = h.submit("bob", "basic", parallel(1));
+    assert_eq!(h.state(ana1), JobState::Dispatched);
+    assert_eq!(
+        h.state(ana2),
+        JobState::Queued,
+        "basic allows one parallel job at a time"
+    );
+    assert_eq!(
+        h.state(bob),
+        JobState::Dispatched,
+        "ana's cap does not block bob"
+    );
+    assert!(h
+        .core
+        .situation(ana2)
+        .unwrap()
+        .contains("plan basic allows 1"));
+    h.started("a1", ana1, 1);
+    let effects = h.exited("a1", ana1, 1, 0);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), ana2, 1)]);
+}
+
+#[test]
+fn pool_size_bounds_each_kind_independently() {
+    let mut h = Harness::new(CoreConfig {
+        pool_parallel_cpus: 2,
+        ..basic_config()
+    });
+    h.connect("a1", 8);
+    let jobs: Vec<JobId> = ["a", "b", "c"]
+        .iter()
+        .map(|u| h.submit(u, "basic", parallel(1)))
+        .collect();
+    let seq = h.submit("d", "basic", cmd(&["s"]));
+    assert_eq!(h.core.pool_used(Kind::Parallel), 2);
+    assert_eq!(h.state(jobs[2]), JobState::Queued);
+    assert_eq!(
+        h.state(seq),
+        JobState::Dispatched,
+        "the sequential pool is separate"
+    );
+}
+
+// ---- cancel -----------------------------------------------------------------
+
+#[test]
+fn cancel_while_waiting_for_a_cpu_slot_the_slot_goes_to_the_next_job() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let running = h.submit("ana", "basic", cmd(&["r"]));
+    let waiting = h.submit("bob", "basic", cmd(&["w"]));
+    let next = h.submit("cy", "basic", cmd(&["n"]));
+    assert_eq!(
+        h.cancel(waiting),
+        Reply::Cancel {
+            job: waiting,
+            state: JobState::Canceled
+        }
+    );
+    assert!(
+        h.core.job(waiting).is_none(),
+        "its queue entry and record left the core"
+    );
+    assert_eq!(h.core.queue_position(next), Some(1));
+    h.started("a1", running, 1);
+    let effects = h.exited("a1", running, 1, 0);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), next, 1)]);
+    assert!(
+        runs(&h.log).iter().all(|r| r.1 != waiting),
+        "a canceled job never runs"
+    );
+}
+
+#[test]
+fn cancel_is_idempotent_and_names_the_state() {
+    let mut h = harness();
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    assert_eq!(
+        h.cancel(job),
+        Reply::Cancel {
+            job,
+            state: JobState::Canceled
+        }
+    );
+    // Over and gone from the core: the shell answers from the store.
+    assert_eq!(
+        h.cancel(job),
+        Reply::CancelRejected {
+            job,
+            error: CancelError::NotFound
+        }
+    );
+    assert_eq!(h.state(job), JobState::Canceled);
+}
+
+#[test]
+fn cancel_running_job_is_canceling_until_the_agent_confirms_and_holds_its_slot() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    let other = h.submit("bob", "basic", cmd(&["y"]));
+    h.started("a1", job, 1);
+    assert_eq!(
+        h.cancel(job),
+        Reply::Cancel {
+            job,
+            state: JobState::Canceling
+        }
+    );
+    assert_eq!(
+        kills(&h.log),
+        vec![(
+            "a1".to_string(),
+            job,
+            1,
+            KillReason::Stop(StopReason::Cancel)
+        )]
+    );
+    assert_eq!(
+        h.cancel(job),
+        Reply::Cancel {
+            job,
+            state: JobState::Canceling
+        },
+        "idempotent"
+    );
+    assert_eq!(
+        kills(&h.log).len(),
+        1,
+        "one kill, however often cancel is asked"
+    );
+    assert_eq!(
+        h.state(other),
+        JobState::Queued,
+        "the slot is held until the kill is confirmed"
+    );
+    let effects = h.finished("a1", job, 1, Outcome::Killed);
+    assert_eq!(h.state(job), JobState::Canceled);
+    assert_eq!(acks(&effects), vec![(job, 1)]);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), other, 1)]);
+}
+
+#[test]
+fn cancel_races_completion_cancel_wins_and_the_exit_code_is_kept() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.cancel(job);
+    h.exited("a1", job, 1, 0);
+    let record = h.state_record(job);
+    assert_eq!(record.state, JobState::Canceled);
+    assert_eq!(record.exit_code, Some(0));
+    assert_eq!(record.output_tail, format!("output of {job}\n"));
+}
+
+#[test]
+fn cancel_on_a_disconnected_agent_ends_canceled_at_once() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.gone("a1", GoneReason::PingTimeout);
+    assert_eq!(
+        h.cancel(job),
+        Reply::Cancel {
+            job,
+            state: JobState::Canceled
+        }
+    );
+    // The agent returns still running it: it is told to kill it.
+    let effects = h.connect_with(
+        "a1",
+        1,
+        vec![AttemptReport {
+            job,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    assert_eq!(
+        kills(&effects),
+        vec![("a1".to_string(), job, 1, KillReason::NotOwned)]
+    );
+    assert_eq!(events(&effects, EventKind::StaleReport).len(), 1);
+}
+
+#[test]
+fn cancel_another_users_job_is_not_found_but_an_admin_may() {
+    let mut h = harness();
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    assert_eq!(
+        h.cancel_as("bob", false, job),
+        Reply::CancelRejected {
+            job,
+            error: CancelError::NotFound
+        }
+    );
+    assert_eq!(h.state(job), JobState::Queued);
+    assert_eq!(
+        h.cancel_as("root", true, job),
+        Reply::Cancel {
+            job,
+            state: JobState::Canceled
+        }
+    );
+    assert!(h.state_record(job).reason.contains("admin root"));
+}
+
+// ---- timeouts ----------------------------------------------------------------
+
+#[test]
+fn timeout_run_time_counts_from_running_not_from_queued() {
+    let mut h = harness();
+    let job = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_run_secs: Some(60),
+            ..cmd(&["x"])
+        },
+    );
+    h.advance(600_000); // ten minutes queued: does not count
+    h.connect("a1", 1);
+    h.advance(1_000);
+    h.started("a1", job, 1);
+    h.advance(59_999);
+    assert_eq!(h.state(job), JobState::Running);
+    let effects = h.advance(1);
+    assert_eq!(h.state(job), JobState::TimedOut);
+    assert_eq!(
+        kills(&effects),
+        vec![(
+            "a1".to_string(),
+            job,
+            1,
+            KillReason::Stop(StopReason::RunTimeout)
+        )]
+    );
+}
+
+#[test]
+fn timeout_ends_only_its_own_job_and_holds_the_slot_until_the_kill_is_confirmed() {
+    let mut h = harness();
+    h.connect("a1", 2);
+    let short = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_run_secs: Some(10),
+            ..cmd(&["x"])
+        },
+    );
+    let long = h.submit("bob", "basic", cmd(&["y"]));
+    let waiting = h.submit("cy", "basic", cmd(&["z"]));
+    h.started("a1", short, 1);
+    h.started("a1", long, 1);
+    h.advance(10_000);
+    assert_eq!(h.state(short), JobState::TimedOut);
+    assert_eq!(
+        h.state(long),
+        JobState::Running,
+        "another user's job is untouched"
+    );
+    assert_eq!(
+        h.state(waiting),
+        JobState::Queued,
+        "killed process still holds its cpu"
+    );
+    assert!(h
+        .core
+        .situation(short)
+        .unwrap()
+        .contains("stopping attempt 1"));
+    let effects = h.finished("a1", short, 1, Outcome::Killed);
+    assert_eq!(
+        h.state(short),
+        JobState::TimedOut,
+        "terminal states never change"
+    );
+    assert_eq!(runs(&effects), vec![("a1".to_string(), waiting, 1)]);
+}
+
+#[test]
+fn timeout_dispatch_not_acknowledged_requeues_when_attempts_remain_else_lost() {
+    let mut h = harness();
+    h.connect("mute", 1);
+    let retry = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_attempts: 2,
+            ..cmd(&["x"])
+        },
+    );
+    h.advance(5_000);
+    assert_eq!(
+        kills(&h.log),
+        vec![(
+            "mute".to_string(),
+            retry,
+            1,
+            KillReason::Stop(StopReason::DispatchTimeout)
+        )]
+    );
+    assert_eq!(h.state(retry), JobState::Dispatched);
+    assert!(h.core.situation(retry).unwrap().contains("did not start"));
+    // The agent confirms the kill: the job goes back to the queue and straight out again.
+    h.finished("mute", retry, 1, Outcome::Killed);
+    assert_eq!(h.placed(retry), ("mute".to_string(), 2));
+    assert_eq!(
+        h.state_record(retry)
+            .history
+            .iter()
+            .filter(|t| t.state == JobState::Queued)
+            .count(),
+        2
+    );
+    h.advance(5_000);
+    h.finished("mute", retry, 2, Outcome::Killed);
+    assert_eq!(h.state(retry), JobState::Lost);
+    assert!(h
+        .state_record(retry)
+        .reason
+        .contains("dispatch not acknowledged"));
+}
+
+#[test]
+fn timeout_in_the_queue_ends_timed_out() {
+    let mut h = harness();
+    let job = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            queue_timeout_secs: Some(30),
+            ..cmd(&["x"])
+        },
+    );
+    let patient = h.submit("bob", "basic", cmd(&["y"]));
+    assert_eq!(h.core.next_deadline(), Some(Millis(h.now + 30_000)));
+    h.to_next_deadline();
+    assert_eq!(h.state(job), JobState::TimedOut);
+    assert!(h.state_record(job).reason.contains("queue"));
+    assert_eq!(h.state(patient), JobState::Queued);
+    assert_eq!(h.core.next_deadline(), None);
+}
+
+#[test]
+fn timeout_stop_not_confirmed_closes_the_agent_as_unresponsive() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.cancel(job);
+    let effects = h.advance(10_000);
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Close {
+            reason: CloseReason::Unresponsive,
+            ..
+        }
+    )));
+    assert_eq!(h.state(job), JobState::Canceled);
+    assert_eq!(h.core.pool_used(Kind::Sequential), 0);
+}
+
+// ---- attempts and stale reports ---------------------------------------------
+
+#[test]
+fn stale_report_for_an_older_attempt_is_rejected_and_killed() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    h.connect("a2", 1);
+    let job = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_attempts: 2,
+            ..cmd(&["x"])
+        },
+    );
+    let (first, _) = h.placed(job);
+    h.started(&first, job, 1);
+    // a1 goes silent and is declared lost; the job is requeued to the other agent.
+    h.gone(&first, GoneReason::PingTimeout);
+    h.advance(30_000);
+    let (second, attempt) = h.placed(job);
+    assert_eq!(attempt, 2);
+    assert_ne!(second, first);
+    // The silent agent comes back and reports attempt 1 still running.
+    let effects = h.connect_with(
+        &first,
+        1,
+        vec![AttemptReport {
+            job,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    assert_eq!(
+        kills(&effects),
+        vec![(first.clone(), job, 1, KillReason::NotOwned)]
+    );
+    // ... and then finished: acknowledged (so its outbox drains) but ignored.
+    let effects = h.exited(&first, job, 1, 0);
+    assert_eq!(acks(&effects), vec![(job, 1)]);
+    assert_eq!(events(&effects, EventKind::StaleReport).len(), 1);
+    assert_eq!(h.state(job), JobState::Dispatched);
+    // A report from the right attempt on the wrong agent is stale too.
+    let effects = h.started(&first, job, 2);
+    assert_eq!(kills(&effects), vec![(first, job, 2, KillReason::NotOwned)]);
+    h.started(&second, job, 2);
+    assert_eq!(h.state(job), JobState::Running);
+}
+
+// ---- agents -------------------------------------------------------------------
+
+#[test]
+fn agent_lost_after_grace_its_jobs_end_lost_with_the_reason() {
+    let mut h = harness();
+    h.connect("a1", 2);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    let retried = h.submit(
+        "bob",
+        "basic",
+        SubmitSpec {
+            max_attempts: 3,
+            ..cmd(&["y"])
+        },
+    );
+    h.started("a1", job, 1);
+    h.gone("a1", GoneReason::PingTimeout);
+    assert!(h
+        .core
+        .situation(job)
+        .unwrap()
+        .contains("waiting for agent a1 to reconnect"));
+    h.advance(29_999);
+    assert_eq!(
+        h.state(job),
+        JobState::Running,
+        "still within the grace period"
+    );
+    h.advance(1);
+    let record = h.state_record(job);
+    assert_eq!(record.state, JobState::Lost);
+    assert_eq!(record.reason, "agent a1 lost: ping timeout");
+    assert_eq!(
+        h.state(retried),
+        JobState::Queued,
+        "a job that allows retries is requeued"
+    );
+    assert!(h.core.agent(&AgentId::new("a1")).is_none());
+    h.connect("a2", 1);
+    assert_eq!(h.placed(retried), ("a2".to_string(), 2));
+}
+
+#[test]
+fn agent_back_within_grace_reporting_the_job_keeps_it() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.gone("a1", GoneReason::Closed);
+    h.advance(10_000);
+    h.connect_with(
+        "a1",
+        1,
+        vec![AttemptReport {
+            job,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    h.advance(60_000);
+    assert_eq!(h.state(job), JobState::Running);
+    assert_eq!(h.core.situation(job).unwrap(), "running on agent a1");
+}
+
+#[test]
+fn agent_back_without_the_job_ends_it_lost() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.gone("a1", GoneReason::Closed);
+    h.connect("a1", 1);
+    assert_eq!(h.state(job), JobState::Lost);
+    assert!(h
+        .state_record(job)
+        .reason
+        .contains("came back without attempt 1"));
+}
+
+#[test]
+fn agent_back_with_a_finished_result_in_its_hello_completes_the_job() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.gone("a1", GoneReason::Closed);
+    let finished = FinishedReport {
+        outcome: Outcome::Exited { code: 3 },
+        output_tail: "boom".into(),
+        run_ms: 5,
+    };
+    let effects = h.connect_with(
+        "a1",
+        1,
+        vec![AttemptReport {
+            job,
+            attempt: 1,
+            finished: Some(finished),
+        }],
+    );
+    assert_eq!(h.state(job), JobState::Failed);
+    assert_eq!(h.state_record(job).exit_code, Some(3));
+    assert_eq!(acks(&effects), vec![(job, 1)]);
+}
+
+#[test]
+fn agent_duplicate_id_replaces_the_first_connection() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let old = h.conns["a1"];
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    let effects = h.connect_with(
+        "a1",
+        1,
+        vec![AttemptReport {
+            job,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    assert!(effects.contains(&Effect::Close {
+        agent: AgentId::new("a1"),
+        conn: old,
+        reason: CloseReason::Replaced
+    }));
+    assert_eq!(
+        h.state(job),
+        JobState::Running,
+        "the new connection's report counts"
+    );
+    // The old connection's late news harms nothing.
+    h.step(Input::AgentGone {
+        conn: old,
+        agent: AgentId::new("a1"),
+        reason: GoneReason::Closed,
+    });
+    h.step(Input::AgentMessage {
+        conn: old,
+        agent: AgentId::new("a1"),
+        msg: AgentMsg::Finished {
+            job,
+            attempt: 1,
+            outcome: Outcome::Exited { code: 1 },
+            output_tail: String::new(),
+            run_ms: 1,
+        },
+    });
+    assert_eq!(h.state(job), JobState::Running);
+    assert!(matches!(
+        h.core.agent(&AgentId::new("a1")).unwrap().link,
+        Link::Connected { .. }
+    ));
+}
+
+#[test]
+fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
+    let mut h = harness();
+    for (name, cpus) in [("a1", 0), ("a1", 257), ("", 1)] {
+        let effects = h.connect(name, cpus);
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Close {
+                reason: CloseReason::Refused,
+                ..
+            }
+        )));
+        assert_eq!(events(&effects, EventKind::AgentRefused).len(), 1);
+    }
+    let long = "x".repeat(129);
+    assert!(h
+        .connect(&long, 1)
+        .iter()
+        .any(|e| matches!(e, Effect::Close { .. })));
+    assert_eq!(h.core.agents().count(), 0);
+}
+
+#[test]
+fn agent_report_about_a_job_that_left_the_core_is_acknowledged() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.exited("a1", job, 1, 0);
+    // The ack was lost; the agent's outbox sends the result again.
+    let effects = h.exited("a1", job, 1, 0);
+    assert_eq!(acks(&effects), vec![(job, 1)]);
+    assert_eq!(h.state(job), JobState::Succeeded);
+}
+
+// ---- effects, events, restore ------------------------------------------------
+
+#[test]
+fn every_transition_is_persisted_before_the_reply_and_carries_an_event() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let request = RequestId(999);
+    let effects = h.step(Input::Submit {
+        request,
+        user: "ana".into(),
+        plan: "basic".into(),
+        spec: cmd(&["x"]),
+    });
+    // One persist for the job (queued then dispatched in one step: one record).
+    let persists: Vec<&Job> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Persist { job } => Some(&**job),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persists.len(), 1);
+    assert_eq!(persists[0].state, JobState::Dispatched);
+    assert!(matches!(effects[0], Effect::Persist { .. }));
+    let job = persists[0].id;
+    let kinds: Vec<EventKind> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(ev) if ev.job == Some(job) => Some(ev.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, vec![EventKind::Submitted, EventKind::Dispatched]);
+    h.started("a1", job, 1);
+    h.exited("a1", job, 1, 0);
+    let states: Vec<JobState> = h
+        .state_record(job)
+        .history
+        .iter()
+        .map(|t| t.state)
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            JobState::Queued,
+            JobState::Dispatched,
+            JobState::Running,
+            JobState::Succeeded
+        ]
+    );
+    assert!(
+        h.core.job(job).is_none(),
+        "a finished job leaves the core once persisted"
+    );
+    let ended = events(&h.log, EventKind::Ended);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        (ended[0].job, ended[0].attempt, ended[0].agent.clone()),
+        (Some(job), Some(1), Some(AgentId::new("a1")))
+    );
+}
+
+#[test]
+fn restore_after_a_crash_keeps_every_acknowledged_job() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    h.connect("a2", 1);
+    let running = h.submit("ana", "basic", cmd(&["r"]));
+    let dispatched = h.submit("bob", "basic", cmd(&["d"]));
+    let q1 = h.submit("cy", "basic", cmd(&["q1"]));
+    let q2 = h.submit("dee", "basic", cmd(&["q2"]));
+    let done = h.submit(
+        "eve",
+        "basic",
+        SubmitSpec {
+            idempotency_key: Some("k".into()),
+            ..cmd(&["x"])
+        },
+    );
+    let (agent_r, _) = h.placed(running);
+    h.started(&agent_r, running, 1);
+    h.cancel(done);
+
+    // Crash: only the store survives.
+    let records: Vec<Job> = h.store.values().cloned().collect();
+    let next = h.core.next_job_id();
+    let core =
+        Core::restore(basic_config(), Millis(h.now + 5_000), records, next).expect("restore");
+    let mut r = Harness::from_core(core, h.now + 5_000);
+    r.store = h.store.clone();
+    r.core.check_invariants();
+    assert_eq!(r.core.queue_position(q1), Some(1));
+    assert_eq!(r.core.queue_position(q2), Some(2));
+    assert_eq!(r.core.job(running).unwrap().state, JobState::Running);
+    assert!(r
+        .core
+        .situation(running)
+        .unwrap()
+        .contains("waiting for agent"));
+    // The idempotency key survives, and ids are never reused.
+    assert_eq!(
+        r.try_submit(
+            "eve",
+            "basic",
+            SubmitSpec {
+                idempotency_key: Some("k".into()),
+                ..cmd(&["x"])
+            }
+        ),
+        Reply::Submitted {
+            job: done,
+            existing: true
+        }
+    );
+    let fresh = r.submit("fay", "basic", cmd(&["f"]));
+    assert!(fresh.0 >= next);
+    // The agent running a job reconnects and keeps it; the other never comes back.
+    r.connect_with(
+        &agent_r,
+        1,
+        vec![AttemptReport {
+            job: running,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    r.advance(30_000);
+    assert_eq!(r.state(running), JobState::Running);
+    assert_eq!(r.state(dispatched), JobState::Lost);
+    r.started(&agent_r, running, 1);
+    r.exited(&agent_r, running, 1, 0);
+    assert_eq!(r.state(running), JobState::Succeeded);
+    assert_eq!(r.placed(q1).0, agent_r, "the queue resumes where it was");
+}
+
+#[test]
+fn restore_rejects_a_record_it_cannot_trust_naming_the_job() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    let mut record = h.state_record(job).clone();
+    record.state = JobState::Queued; // but it holds an attempt
+    let err = Core::restore(basic_config(), Millis(h.now), vec![record.clone()], 100)
+        .err()
+        .expect("rejected");
+    assert_eq!(err.job, job);
+    assert!(
+        err.to_string().contains("does not match its attempts"),
+        "{err}"
+    );
+    record.state = JobState::Dispatched;
+    assert!(
+        Core::restore(basic_config(), Millis(h.now), vec![record.clone()], 1).is_err(),
+        "id past next id"
+    );
+    assert!(
+        Core::restore(
+            basic_config(),
+            Millis(h.now),
+            vec![record.clone(), record],
+            100
+        )
+        .is_err(),
+        "duplicate"
+    );
+}
+
+#[test]
+fn identical_inputs_give_identical_effects() {
+    fn run() -> String {
+        let mut h = harness();
+        h.connect("a1", 2);
+        h.connect("a2", 3);
+        let jobs: Vec<JobId> = (0..6)
+            .map(|i| h.submit(&format!("u{}", i % 3), "basic", parallel(1 + i % 2)))
+            .collect();
+        h.cancel(jobs[1]);
+        h.gone("a2", GoneReason::PingTimeout);
+        h.advance(40_000);
+        serde_json::to_string(&h.log).expect("effects serialize")
+    }
+    assert_eq!(run(), run());
+}

@@ -1,0 +1,26 @@
+//! The runtime seam: the only place that reads the clock. Everything above
+//! it uses `tokio` as the workspace renames it (madsim-tokio), so under
+//! `--cfg madsim` time, timers, tasks and the network are the simulator's.
+//! madsim also intercepts `clock_gettime`, so `SystemTime` here is simulated
+//! time inside a simulation and real time outside it.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::core::Millis;
+
+/// Now, as the core counts time: milliseconds since the Unix epoch.
+#[allow(clippy::disallowed_methods)] // the seam is where the clock is read
+pub fn now() -> Millis {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    Millis(since_epoch.as_millis() as u64)
+}
+
+/// Sleeps until the core's clock reads `deadline` (returns at once if it has).
+pub async fn sleep_until(deadline: Millis) {
+    let wait_ms = deadline.0.saturating_sub(now().0);
+    if wait_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+}

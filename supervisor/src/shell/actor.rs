@@ -1,0 +1,117 @@
+//! The one task that owns the `Core`. Inputs arrive on a channel; the task
+//! feeds them to the core in batches (everything already waiting, up to a
+//! bound), wakes at the core's next deadline with a tick, and hands each
+//! batch's effects to the executor in order. Queries read the core between
+//! batches, so no caller ever sees a half-applied step.
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info_span};
+
+use crate::core::{Core, Effect, Input};
+use crate::seam;
+
+/// Inputs handled before their effects are handed on together: one batch,
+/// one store transaction under load (group commit).
+pub const BATCH_INPUTS_MAX: usize = 256;
+
+type Query = Box<dyn FnOnce(&Core) + Send>;
+
+#[allow(clippy::large_enum_variant)] // inputs are moved once, into the core
+enum Command {
+    Input(Input),
+    Query(Query),
+}
+
+/// Where a batch's effects go: the store commit, then agent messages and
+/// replies. Issue-specific executors (server, tests, simulator) implement it.
+pub trait Executor: Send + 'static {
+    fn execute(&mut self, effects: Vec<Effect>) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// An executor that passes every batch on to a channel, for tests.
+impl Executor for mpsc::UnboundedSender<Vec<Effect>> {
+    async fn execute(&mut self, effects: Vec<Effect>) {
+        let _ = self.send(effects);
+    }
+}
+
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the core actor has stopped")]
+pub struct Stopped;
+
+impl CoreHandle {
+    pub async fn input(&self, input: Input) -> Result<(), Stopped> {
+        self.tx
+            .send(Command::Input(input))
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    /// Runs `read` against the core between two batches and returns its result.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Core) -> T + Send + 'static,
+    ) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        let query: Query = Box::new(move |core| {
+            let _ = tx.send(read(core));
+        });
+        self.tx
+            .send(Command::Query(query))
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+}
+
+/// Starts the actor; it stops when every handle is dropped.
+pub fn spawn(core: Core, executor: impl Executor, channel_capacity: usize) -> CoreHandle {
+    let (tx, rx) = mpsc::channel(channel_capacity);
+    tokio::spawn(run(core, rx, executor));
+    CoreHandle { tx }
+}
+
+async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl Executor) {
+    let mut effects: Vec<Effect> = Vec::new();
+    loop {
+        let deadline = core.next_deadline();
+        let first = tokio::select! {
+            command = rx.recv() => match command {
+                Some(command) => Some(command),
+                None => break,
+            },
+            () = seam::sleep_until(deadline.unwrap_or_default()), if deadline.is_some() => None,
+        };
+        let now = seam::now();
+        let span = info_span!("batch", at = now.0).entered();
+        match first {
+            None => effects.extend(core.handle(now, Input::Tick)),
+            Some(command) => {
+                let mut next = Some(command);
+                let mut inputs = 0;
+                while let Some(command) = next.take() {
+                    match command {
+                        Command::Input(input) => {
+                            effects.extend(core.handle(now, input));
+                            inputs += 1;
+                        }
+                        Command::Query(read) => read(&core),
+                    }
+                    if inputs < BATCH_INPUTS_MAX {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                debug!(inputs, effects = effects.len(), "batch");
+            }
+        }
+        drop(span);
+        if !effects.is_empty() {
+            executor.execute(std::mem::take(&mut effects)).await;
+        }
+    }
+}
