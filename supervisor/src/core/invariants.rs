@@ -44,6 +44,7 @@ impl Core {
         let mut agent_jobs: BTreeMap<&str, BTreeSet<JobId>> = BTreeMap::new();
         let mut pool_used = [0u32; 2];
         let mut held_by_user: BTreeMap<(Arc<str>, Kind), u32> = BTreeMap::new();
+        let mut caps: BTreeMap<(Arc<str>, Kind), u32> = BTreeMap::new();
         for (id, job) in p.jobs {
             assert_eq!(*id, job.id);
             let held = job.held();
@@ -99,6 +100,13 @@ impl Core {
                 *held_by_user
                     .entry((job.user.clone(), job.kind()))
                     .or_default() += 1;
+                let plan_cap = p
+                    .config
+                    .plans
+                    .get(&*job.plan)
+                    .map_or(0, |plan| plan.limits(job.kind()).max_running);
+                let cap = caps.entry((job.user.clone(), job.kind())).or_insert(0);
+                *cap = (*cap).max(plan_cap);
             }
             let deadline = job.deadline(p.config);
             assert_eq!(
@@ -147,14 +155,7 @@ impl Core {
         }
         assert_eq!(p.held_by_user, &held_by_user, "per-user holdings");
         for ((user, kind), held) in &held_by_user {
-            let cap = p
-                .jobs
-                .values()
-                .filter(|j| &j.user == user && j.kind() == *kind && j.held().is_some())
-                .filter_map(|j| p.config.plans.get(&*j.plan))
-                .map(|plan| plan.limits(*kind).max_running)
-                .max()
-                .unwrap_or(0);
+            let cap = caps[&(user.clone(), *kind)];
             assert!(
                 *held <= cap,
                 "user {user} holds {held} {kind} jobs, plan allows {cap}"

@@ -209,7 +209,7 @@ pub struct Event {
     pub attempt: Option<u32>,
     pub agent: Option<AgentId>,
     pub kind: EventKind,
-    pub reason: String,
+    pub reason: Arc<str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -80,7 +80,7 @@ impl Attempt {
 pub struct Transition {
     pub at: Millis,
     pub state: JobState,
-    pub reason: String,
+    pub reason: Arc<str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +100,7 @@ pub struct Job {
     pub exit_code: Option<i32>,
     pub output_tail: String,
     /// Why the job is in its state, in words ("agent a1 lost: ping timeout").
-    pub reason: String,
+    pub reason: Arc<str>,
 }
 
 impl Job {

@@ -46,6 +46,8 @@ pub struct Core {
     dirty: BTreeSet<JobId>,
     out: Vec<Effect>,
     effects: Vec<Effect>,
+    /// Shared by every new job's first transition.
+    submitted_reason: Arc<str>,
 }
 
 impl Core {
@@ -65,6 +67,7 @@ impl Core {
             dirty: BTreeSet::new(),
             out: Vec::new(),
             effects: Vec::new(),
+            submitted_reason: Arc::from("submitted"),
         }
     }
 
@@ -272,11 +275,11 @@ impl Core {
             history: vec![Transition {
                 at: self.now,
                 state: JobState::Queued,
-                reason: "submitted".to_string(),
+                reason: self.submitted_reason.clone(),
             }],
             exit_code: None,
             output_tail: String::new(),
-            reason: "submitted".to_string(),
+            reason: self.submitted_reason.clone(),
         };
         let kind = job.kind();
         self.queues[kind.index()].push(priority, &user, id);
@@ -995,9 +998,13 @@ impl Core {
             "job {id}: terminal state {} cannot become {state}",
             job.state
         );
-        let reason = spec::truncated(&reason, self.config.reason_bytes_max);
+        let reason: Arc<str> = if reason.len() > self.config.reason_bytes_max {
+            Arc::from(spec::truncated(&reason, self.config.reason_bytes_max))
+        } else {
+            Arc::from(reason)
+        };
         job.state = state;
-        job.reason.clone_from(&reason);
+        job.reason = reason.clone();
         job.history.push(Transition {
             at: now,
             state,
@@ -1015,7 +1022,7 @@ impl Core {
             JobState::Canceling => EventKind::CancelRequested,
             _ => EventKind::Ended,
         };
-        self.event(Some(id), attempt, agent, kind, format!("{state}: {reason}"));
+        self.event(Some(id), attempt, agent, kind, reason);
         self.touch(id);
     }
 
@@ -1031,7 +1038,7 @@ impl Core {
         attempt: Option<u32>,
         agent: Option<AgentId>,
         kind: EventKind,
-        reason: String,
+        reason: impl Into<Arc<str>>,
     ) {
         self.out.push(Effect::Event(Event {
             at: self.now,
@@ -1039,7 +1046,7 @@ impl Core {
             attempt,
             agent,
             kind,
-            reason,
+            reason: reason.into(),
         }));
     }
 
@@ -1134,7 +1141,12 @@ impl Core {
             core.jobs.insert(id, job);
             core.rearm(id);
         }
-        core.out.clear();
+        // No agent is connected yet, so this can only park users at their cap.
+        core.schedule();
+        assert!(
+            core.out.is_empty(),
+            "restore dispatched with no agent connected"
+        );
         Ok(core)
     }
 }

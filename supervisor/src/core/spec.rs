@@ -99,7 +99,7 @@ pub enum SubmitError {
     UnknownKind { kind: String },
     #[error("unknown plan {plan:?}")]
     UnknownPlan { plan: String },
-    #[error("cpus must be between 1 and {max} (the largest agent); got {cpus}")]
+    #[error("cpus must be between 1 and {max} (the largest agent or the kind's pool); got {cpus}")]
     BadCpus { cpus: u32, max: u32 },
     #[error(
         "max_run_secs must be between 1 and {limit} for {kind} jobs on plan {plan}; got {got}"
@@ -197,10 +197,11 @@ pub fn validate(
     let kind = Kind::parse(&spec.kind).ok_or_else(|| SubmitError::UnknownKind {
         kind: truncated(&spec.kind, 64),
     })?;
-    if spec.cpus == 0 || spec.cpus > config.agent_cpus_max {
+    let cpus_max = config.agent_cpus_max.min(config.pool_cpus(kind));
+    if spec.cpus == 0 || spec.cpus > cpus_max {
         return Err(SubmitError::BadCpus {
             cpus: spec.cpus,
-            max: config.agent_cpus_max,
+            max: cpus_max,
         });
     }
     let kind_limits = plan.limits(kind);

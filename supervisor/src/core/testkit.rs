@@ -89,7 +89,7 @@ impl Harness {
     }
 
     /// Advances to the core's next deadline and fires it.
-    pub fn to_next_deadline(&mut self) -> Vec<Effect> {
+    pub fn fire_next_deadline(&mut self) -> Vec<Effect> {
         let at = self.core.next_deadline().expect("a deadline is armed").0;
         self.now = self.now.max(at);
         self.step(Input::Tick)

@@ -641,7 +641,7 @@ fn timeout_in_the_queue_ends_timed_out() {
     );
     let patient = h.submit("bob", "basic", cmd(&["y"]));
     assert_eq!(h.core.next_deadline(), Some(Millis(h.now + 30_000)));
-    h.to_next_deadline();
+    h.fire_next_deadline();
     assert_eq!(h.state(job), JobState::TimedOut);
     assert!(h.state_record(job).reason.contains("queue"));
     assert_eq!(h.state(patient), JobState::Queued);
@@ -747,7 +747,7 @@ fn agent_lost_after_grace_its_jobs_end_lost_with_the_reason() {
     h.advance(1);
     let record = h.state_record(job);
     assert_eq!(record.state, JobState::Lost);
-    assert_eq!(record.reason, "agent a1 lost: ping timeout");
+    assert_eq!(&*record.reason, "agent a1 lost: ping timeout");
     assert_eq!(
         h.state(retried),
         JobState::Queued,

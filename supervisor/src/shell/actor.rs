@@ -115,3 +115,107 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::core::{
+        AgentId, AgentMsg, ConnId, CoreConfig, JobId, JobState, RequestId, SubmitSpec, ToAgent,
+    };
+
+    /// Waits, with a bound, for a batch in which `job` is persisted in `state`.
+    async fn persisted(
+        rx: &mut mpsc::UnboundedReceiver<Vec<Effect>>,
+        job: JobId,
+        state: JobState,
+    ) -> Vec<Effect> {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let batch = rx.recv().await.expect("actor alive");
+                if batch.iter().any(
+                    |e| matches!(e, Effect::Persist { job: j } if j.id == job && j.state == state),
+                ) {
+                    return batch;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("job {job} never became {state}"))
+    }
+
+    #[tokio::test]
+    async fn actor_fires_the_run_timeout_at_the_core_deadline_and_answers_queries() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let handle = spawn(Core::new(CoreConfig::default()), tx, 16);
+        let agent = AgentId::new("a1");
+        let conn = ConnId(1);
+        handle
+            .input(Input::AgentConnected {
+                conn,
+                agent: agent.clone(),
+                cpus: 1,
+                labels: BTreeMap::new(),
+                attempts: vec![],
+            })
+            .await
+            .unwrap();
+        let spec = SubmitSpec {
+            max_run_secs: Some(1),
+            ..SubmitSpec::command(["sleep", "600"])
+        };
+        handle
+            .input(Input::Submit {
+                request: RequestId(1),
+                user: "ana".into(),
+                plan: "basic".into(),
+                spec,
+            })
+            .await
+            .unwrap();
+        let batch = persisted(&mut rx, JobId(1), JobState::Dispatched).await;
+        assert!(batch.iter().any(|e| matches!(
+            e,
+            Effect::Send {
+                msg: ToAgent::Run { .. },
+                ..
+            }
+        )));
+        handle
+            .input(Input::AgentMessage {
+                conn,
+                agent,
+                msg: AgentMsg::Started {
+                    job: JobId(1),
+                    attempt: 1,
+                },
+            })
+            .await
+            .unwrap();
+        persisted(&mut rx, JobId(1), JobState::Running).await;
+        let started = seam::now();
+        let batch = persisted(&mut rx, JobId(1), JobState::TimedOut).await;
+        assert!(
+            seam::now().ms_since(started) >= 1_000,
+            "the timeout fired early"
+        );
+        assert!(batch.iter().any(|e| matches!(
+            e,
+            Effect::Send {
+                msg: ToAgent::Kill { .. },
+                ..
+            }
+        )));
+        let state = handle
+            .query(|core| core.job(JobId(1)).map(|j| j.state))
+            .await
+            .unwrap();
+        assert_eq!(
+            state,
+            Some(JobState::TimedOut),
+            "held until the agent confirms the kill"
+        );
+    }
+}
