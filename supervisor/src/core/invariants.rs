@@ -3,7 +3,6 @@
 //! and the simulator call it after every step.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use super::agents::Link;
 use super::job::Phase;
@@ -36,18 +35,23 @@ impl Core {
                 );
                 assert_eq!(job.kind().index(), k, "job {id} in the wrong kind's queue");
                 assert_eq!(job.priority, priority, "job {id} at the wrong priority");
-                assert_eq!(&job.user, user, "job {id} under the wrong user");
+                assert_eq!(job.user_key, user, "job {id} under the wrong user");
                 assert!(queued.insert(id), "job {id} queued twice");
             }
         }
         let mut agent_used: BTreeMap<&str, u32> = BTreeMap::new();
         let mut agent_jobs: BTreeMap<&str, BTreeSet<JobId>> = BTreeMap::new();
         let mut pool_used = [0u32; 2];
-        let mut held_by_user: BTreeMap<(Arc<str>, Kind), u32> = BTreeMap::new();
-        let mut caps: BTreeMap<(Arc<str>, Kind), u32> = BTreeMap::new();
+        let mut held = vec![[0u32; 2]; p.held.len()];
+        let mut caps = vec![[0u32; 2]; p.held.len()];
         for (id, job) in p.jobs {
             assert_eq!(*id, job.id);
-            let held = job.held();
+            assert_eq!(
+                p.user_names.get(job.user_key.index()),
+                Some(&job.user),
+                "job {id}'s user key names another user"
+            );
+            let held_attempt = job.held();
             let held_count = job.attempts.iter().filter(|a| a.holds()).count();
             assert!(
                 held_count <= 1,
@@ -55,30 +59,34 @@ impl Core {
             );
             match job.state {
                 JobState::Queued => {
-                    assert!(held.is_none(), "queued job {id} holds an attempt");
+                    assert!(held_attempt.is_none(), "queued job {id} holds an attempt");
                     assert!(queued.contains(id), "queued job {id} is not in its queue");
                 }
                 JobState::Dispatched => {
-                    let a = held.unwrap_or_else(|| panic!("dispatched job {id} holds nothing"));
+                    let a =
+                        held_attempt.unwrap_or_else(|| panic!("dispatched job {id} holds nothing"));
                     assert!(
                         a.started_at.is_none(),
                         "dispatched job {id} already started"
                     );
                 }
                 JobState::Running => {
-                    let a = held.unwrap_or_else(|| panic!("running job {id} holds nothing"));
+                    let a =
+                        held_attempt.unwrap_or_else(|| panic!("running job {id} holds nothing"));
                     assert_eq!(a.phase, Phase::Active, "running job {id}");
                     assert!(a.started_at.is_some(), "running job {id} never started");
                 }
                 JobState::Canceling => {
-                    let a = held.unwrap_or_else(|| panic!("canceling job {id} holds nothing"));
+                    let a =
+                        held_attempt.unwrap_or_else(|| panic!("canceling job {id} holds nothing"));
                     assert!(
                         matches!(a.phase, Phase::Stopping { .. }),
                         "canceling job {id} is not being stopped"
                     );
                 }
                 terminal => {
-                    let a = held.unwrap_or_else(|| panic!("{terminal} job {id} kept in the core"));
+                    let a = held_attempt
+                        .unwrap_or_else(|| panic!("{terminal} job {id} kept in the core"));
                     assert!(
                         matches!(a.phase, Phase::Stopping { .. }),
                         "{terminal} job {id} still active"
@@ -89,7 +97,7 @@ impl Core {
                 job.attempts.len() as u32 <= job.spec.max_attempts,
                 "job {id} over its attempts"
             );
-            if let Some(a) = held {
+            if let Some(a) = held_attempt {
                 let agent = p
                     .agents
                     .get(&a.agent)
@@ -97,16 +105,14 @@ impl Core {
                 *agent_used.entry(agent.id.as_str()).or_default() += a.cpus;
                 agent_jobs.entry(agent.id.as_str()).or_default().insert(*id);
                 pool_used[job.kind().index()] += a.cpus;
-                *held_by_user
-                    .entry((job.user.clone(), job.kind()))
-                    .or_default() += 1;
+                let (u, k) = (job.user_key.index(), job.kind().index());
+                held[u][k] += 1;
                 let plan_cap = p
                     .config
                     .plans
                     .get(&*job.plan)
                     .map_or(0, |plan| plan.limits(job.kind()).max_running);
-                let cap = caps.entry((job.user.clone(), job.kind())).or_insert(0);
-                *cap = (*cap).max(plan_cap);
+                caps[u][k] = caps[u][k].max(plan_cap);
             }
             let deadline = job.deadline(p.config);
             assert_eq!(
@@ -153,13 +159,16 @@ impl Core {
                 "{kind} pool over its size"
             );
         }
-        assert_eq!(p.held_by_user, &held_by_user, "per-user holdings");
-        for ((user, kind), held) in &held_by_user {
-            let cap = caps[&(user.clone(), *kind)];
-            assert!(
-                *held <= cap,
-                "user {user} holds {held} {kind} jobs, plan allows {cap}"
-            );
+        assert_eq!(p.held, &held[..], "per-user holdings");
+        for (u, (held, caps)) in held.iter().zip(&caps).enumerate() {
+            for kind in Kind::ALL {
+                let (h, cap) = (held[kind.index()], caps[kind.index()]);
+                assert!(
+                    h <= cap,
+                    "user {} holds {h} {kind} jobs, plan allows {cap}",
+                    p.user_names[u]
+                );
+            }
         }
         let timers_expected = p
             .jobs
@@ -188,10 +197,7 @@ impl Core {
                     .plans
                     .get(&*job.plan)
                     .map_or(0, |plan| plan.limits(kind).max_running);
-                let held = held_by_user
-                    .get(&(head.user.clone(), kind))
-                    .copied()
-                    .unwrap_or(0);
+                let held = held[head.user.index()][kind.index()];
                 assert!(
                     held < cap,
                     "head user {} at its cap was not parked",
@@ -213,10 +219,7 @@ impl Core {
                         .plans
                         .get(&*job.plan)
                         .map_or(0, |plan| plan.limits(kind).max_running);
-                    let held = held_by_user
-                        .get(&(user.clone(), kind))
-                        .copied()
-                        .unwrap_or(0);
+                    let held = held[user.index()][kind.index()];
                     assert!(held >= cap, "user {user} parked below its cap");
                 }
             }

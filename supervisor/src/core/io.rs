@@ -171,7 +171,7 @@ pub enum Effect {
     /// Upsert this job's record. All persists of one `handle` call belong to
     /// one transaction, committed before any reply or message after them.
     Persist {
-        job: Box<Job>,
+        job: Arc<Job>,
     },
     Send {
         agent: AgentId,

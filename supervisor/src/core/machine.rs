@@ -19,7 +19,33 @@ use super::job::{Attempt, Job, Outcome, Phase, StopReason, Transition};
 use super::queue::FairQueue;
 use super::spec::{self, SubmitError, SubmitSpec};
 use super::timers::{TimerKey, Timers};
-use super::types::{AgentId, ConnId, JobId, JobState, Kind, Millis, RequestId};
+use super::types::{AgentId, ConnId, JobId, JobState, Kind, Millis, RequestId, UserKey};
+
+/// Live jobs by id. Looked up many times per step and never iterated where
+/// order matters, so a hash map; with std's fixed-key SipHash its order is a
+/// function of the inputs alone, so the core stays deterministic.
+#[allow(clippy::disallowed_types)]
+pub(super) type JobTable = std::collections::HashMap<
+    JobId,
+    Live,
+    std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
+>;
+
+/// A live job: its record (copy-on-write: a persisted version is shared with
+/// the shell until it commits, so persisting costs a reference count) and the
+/// scheduler's key for its user.
+#[derive(Clone, Debug)]
+pub(super) struct Live {
+    pub job: Arc<Job>,
+    pub user_key: UserKey,
+}
+
+impl std::ops::Deref for Live {
+    type Target = Job;
+    fn deref(&self) -> &Job {
+        &self.job
+    }
+}
 
 /// Why an attempt stopped holding its resources.
 enum Release {
@@ -34,20 +60,28 @@ pub struct Core {
     config: CoreConfig,
     now: Millis,
     /// Live jobs: not terminal, or terminal with an attempt still being stopped.
-    jobs: BTreeMap<JobId, Job>,
+    jobs: JobTable,
     queues: [FairQueue; 2],
     pool_used: [u32; 2],
-    held_by_user: BTreeMap<(Arc<str>, Kind), u32>,
+    /// Users by name; a user's key is its index in `user_names` and `held`.
+    users: BTreeMap<Arc<str>, UserKey>,
+    user_names: Vec<Arc<str>>,
+    /// Attempts each user holds, by kind.
+    held: Vec<[u32; 2]>,
     agents: Agents,
     timers: Timers,
     idempotency: BTreeMap<(Arc<str>, String), (JobId, Millis)>,
     idempotency_expiry: VecDeque<(Millis, Arc<str>, String)>,
     next_job: u64,
-    dirty: BTreeSet<JobId>,
+    /// Jobs whose record changed in this step, each once.
+    dirty: Vec<JobId>,
     out: Vec<Effect>,
     effects: Vec<Effect>,
     /// Shared by every new job's first transition.
     submitted_reason: Arc<str>,
+    /// Where reasons are formatted before they become one shared `Arc<str>`.
+    scratch: String,
+    finished_reason: Arc<str>,
 }
 
 impl Core {
@@ -55,19 +89,23 @@ impl Core {
         Core {
             config,
             now: Millis(0),
-            jobs: BTreeMap::new(),
+            jobs: JobTable::default(),
             queues: [FairQueue::default(), FairQueue::default()],
             pool_used: [0, 0],
-            held_by_user: BTreeMap::new(),
+            users: BTreeMap::new(),
+            user_names: Vec::new(),
+            held: Vec::new(),
             agents: Agents::default(),
             timers: Timers::default(),
             idempotency: BTreeMap::new(),
             idempotency_expiry: VecDeque::new(),
             next_job: 1,
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
             out: Vec::new(),
             effects: Vec::new(),
             submitted_reason: Arc::from("submitted"),
+            scratch: String::new(),
+            finished_reason: Arc::from("the agent reported the attempt over"),
         }
     }
 
@@ -81,11 +119,12 @@ impl Core {
 
     /// A live job (terminal jobs leave the core once persisted; the store keeps them).
     pub fn job(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+        self.jobs.get(&id).map(|j| &*j.job)
     }
 
+    /// Every live job, in no particular order (sort by id to list them).
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values()
+        self.jobs.values().map(|j| &*j.job)
     }
 
     pub fn agents(&self) -> impl Iterator<Item = &Agent> {
@@ -119,7 +158,7 @@ impl Core {
         if job.state != JobState::Queued {
             return None;
         }
-        self.queues[job.kind().index()].position(job.priority, &job.user, id)
+        self.queues[job.kind().index()].position(job.priority, job.user_key, id)
     }
 
     /// What the job is doing or waiting for, in words a user understands.
@@ -139,7 +178,7 @@ impl Core {
                     .plans
                     .get(&*job.plan)
                     .map(|p| p.limits(job.kind()));
-                if self.queues[job.kind().index()].is_parked(job.priority, &job.user) {
+                if self.queues[job.kind().index()].is_parked(job.priority, job.user_key) {
                     let cap = limits.map_or(0, |l| l.max_running);
                     format!(
                         "waiting for one of your running {} jobs to end (plan {} allows {cap}), position {position}",
@@ -272,20 +311,35 @@ impl Core {
             submitted_at: self.now,
             finished_at: None,
             attempts: Vec::new(),
-            history: vec![Transition {
-                at: self.now,
-                state: JobState::Queued,
-                reason: self.submitted_reason.clone(),
-            }],
+            history: {
+                // Room for a whole first attempt's transitions without regrowing.
+                let mut history = Vec::with_capacity(4);
+                history.push(Transition {
+                    at: self.now,
+                    state: JobState::Queued,
+                    reason: self.submitted_reason.clone(),
+                });
+                history
+            },
             exit_code: None,
             output_tail: String::new(),
             reason: self.submitted_reason.clone(),
         };
         let kind = job.kind();
-        self.queues[kind.index()].push(priority, &user, id);
-        self.jobs.insert(id, job);
+        let key = self.intern(&user);
+        self.queues[kind.index()].push(priority, key, id);
+        self.jobs.insert(
+            id,
+            Live {
+                job: Arc::new(job),
+                user_key: key,
+            },
+        );
         self.rearm(id);
-        self.dirty.insert(id);
+        // A step touches a handful of jobs: a scan beats a set.
+        if !self.dirty.contains(&id) {
+            self.dirty.push(id);
+        }
         self.event(
             Some(id),
             None,
@@ -346,8 +400,8 @@ impl Core {
         };
         match (job.state, job.held().map(|a| a.phase)) {
             (JobState::Queued, _) => {
-                let (kind, priority, user) = (job.kind(), job.priority, job.user.clone());
-                let removed = self.queues[kind.index()].remove(priority, &user, id);
+                let (kind, priority, user) = (job.kind(), job.priority, job.user_key);
+                let removed = self.queues[kind.index()].remove(priority, user, id);
                 assert!(removed, "queued job {id} missing from its queue");
                 self.set_state(id, JobState::Canceled, format!("{who} while queued"));
             }
@@ -390,11 +444,7 @@ impl Core {
                     .plans
                     .get(&*job.plan)
                     .map_or(0, |p| p.limits(kind).max_running);
-                let held = self
-                    .held_by_user
-                    .get(&(head.user.clone(), kind))
-                    .copied()
-                    .unwrap_or(0);
+                let held = self.held[head.user.index()][kind.index()];
                 if held >= cap {
                     self.queues[kind.index()].park_head(&head);
                     continue;
@@ -416,7 +466,7 @@ impl Core {
     }
 
     fn dispatch(&mut self, id: JobId, agent_id: AgentId) {
-        let job = self.jobs.get_mut(&id).expect("dispatched job exists");
+        let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("dispatched job exists").job);
         let number = job.next_attempt_number();
         let cpus = job.spec.cpus;
         let kind = job.kind();
@@ -432,18 +482,15 @@ impl Core {
             run_ms: None,
         });
         let spec = job.spec.clone();
-        let user = job.user.clone();
-        self.hold(&agent_id, id, &user, kind, cpus);
+        let user = self.jobs[&id].user_key;
+        self.hold(&agent_id, id, user, kind, cpus);
         let conn = self
             .agents
             .get(&agent_id)
             .and_then(Agent::conn)
             .expect("dispatch to a connected agent");
-        self.set_state(
-            id,
-            JobState::Dispatched,
-            format!("attempt {number} on agent {agent_id}"),
-        );
+        let reason = self.text(format_args!("attempt {number} on agent {agent_id}"));
+        self.set_state(id, JobState::Dispatched, reason);
         self.out.push(Effect::Send {
             agent: agent_id.clone(),
             conn,
@@ -455,7 +502,7 @@ impl Core {
         });
     }
 
-    fn hold(&mut self, agent: &AgentId, id: JobId, user: &Arc<str>, kind: Kind, cpus: u32) {
+    fn hold(&mut self, agent: &AgentId, id: JobId, user: UserKey, kind: Kind, cpus: u32) {
         self.agents
             .update(agent, |a| {
                 a.used_cpus += cpus;
@@ -463,16 +510,17 @@ impl Core {
             })
             .expect("hold on a known agent");
         self.pool_used[kind.index()] += cpus;
-        *self.held_by_user.entry((user.clone(), kind)).or_insert(0) += 1;
+        self.held[user.index()][kind.index()] += 1;
     }
 
     /// Ends the held attempt of `id` and gives back everything it held, then
     /// decides what becomes of the job.
     fn release(&mut self, id: JobId, why: Release) {
         let now = self.now;
-        let job = self.jobs.get_mut(&id).expect("released job exists");
+        let live = self.jobs.get_mut(&id).expect("released job exists");
+        let user = live.user_key;
+        let job = Arc::make_mut(&mut live.job);
         let kind = job.kind();
-        let user = job.user.clone();
         let attempt = job.held_mut().expect("released job holds an attempt");
         let stop = match attempt.phase {
             Phase::Stopping { reason, .. } => Some(reason),
@@ -481,22 +529,26 @@ impl Core {
         attempt.phase = Phase::Ended;
         attempt.ended_at = Some(now);
         let (agent, cpus, number) = (attempt.agent.clone(), attempt.cpus, attempt.number);
-        let reason = match &why {
-            Release::Finished(report) => {
-                attempt.outcome = Some(report.outcome.clone());
-                attempt.run_ms = Some(report.run_ms);
-                if let Outcome::Exited { code } = report.outcome {
-                    job.exit_code = Some(code);
-                }
-                job.output_tail =
-                    spec::tail(&report.output_tail, self.config.output_tail_bytes_max);
-                match stop {
-                    Some(stop) => format!("{}: {}", stop.as_str(), describe(&report.outcome)),
-                    None => describe(&report.outcome),
-                }
+        if let Release::Finished(report) = &why {
+            attempt.outcome = Some(report.outcome.clone());
+            attempt.run_ms = Some(report.run_ms);
+            if let Outcome::Exited { code } = report.outcome {
+                job.exit_code = Some(code);
             }
-            Release::Abandoned(reason) => reason.clone(),
+            job.output_tail = spec::tail(&report.output_tail, self.config.output_tail_bytes_max);
+        }
+        let reason: Arc<str> = match (&why, stop) {
+            (Release::Abandoned(reason), _) => Arc::from(reason.as_str()),
+            (Release::Finished(report), Some(stop)) => self.text(format_args!(
+                "{}: {}",
+                stop.as_str(),
+                Described(&report.outcome)
+            )),
+            (Release::Finished(report), None) => {
+                self.text(format_args!("{}", Described(&report.outcome)))
+            }
         };
+        let job = &self.jobs[&id];
         let state = job.state;
         let attempts_left = job.attempts_left();
         self.agents
@@ -506,16 +558,9 @@ impl Core {
             })
             .expect("release on a known agent");
         self.pool_used[kind.index()] -= cpus;
-        let key = (user.clone(), kind);
-        let held = self
-            .held_by_user
-            .get_mut(&key)
-            .expect("user holds what it releases");
-        *held -= 1;
-        if *held == 0 {
-            self.held_by_user.remove(&key);
-        }
-        self.queues[kind.index()].unpark(&user);
+        let held = &mut self.held[user.index()][kind.index()];
+        *held = held.checked_sub(1).expect("user holds what it releases");
+        self.queues[kind.index()].unpark(user);
         self.event(
             Some(id),
             Some(number),
@@ -525,7 +570,8 @@ impl Core {
         );
         match (state, why) {
             (JobState::Canceling, _) => {
-                self.set_state(id, JobState::Canceled, format!("canceled ({reason})"))
+                let reason = self.text(format_args!("canceled ({reason})"));
+                self.set_state(id, JobState::Canceled, reason)
             }
             (state, _) if state.is_terminal() => self.touch(id),
             (_, Release::Finished(report)) if stop != Some(StopReason::DispatchTimeout) => {
@@ -539,18 +585,19 @@ impl Core {
         }
     }
 
-    fn requeue(&mut self, id: JobId, reason: String) {
+    fn requeue(&mut self, id: JobId, reason: Arc<str>) {
         let job = &self.jobs[&id];
-        let (kind, priority, user) = (job.kind(), job.priority, job.user.clone());
-        self.queues[kind.index()].push(priority, &user, id);
-        self.set_state(id, JobState::Queued, format!("requeued: {reason}"));
+        let (kind, priority, user) = (job.kind(), job.priority, job.user_key);
+        self.queues[kind.index()].push(priority, user, id);
+        let reason = self.text(format_args!("requeued: {reason}"));
+        self.set_state(id, JobState::Queued, reason);
     }
 
     /// Asks the agent to kill the held attempt; if the agent is not connected
     /// the attempt is given up at once (a returning agent is told to kill it).
     fn stop_attempt(&mut self, id: JobId, reason: StopReason) {
         let now = self.now;
-        let job = self.jobs.get_mut(&id).expect("stopped job exists");
+        let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("stopped job exists").job);
         let attempt = job.held_mut().expect("stopped job holds an attempt");
         let (agent, number) = (attempt.agent.clone(), attempt.number);
         match self.agents.get(&agent).and_then(Agent::conn) {
@@ -599,9 +646,9 @@ impl Core {
         let job = &self.jobs[&id];
         match (job.state, job.held().map(|a| (a.phase, a.started_at))) {
             (JobState::Queued, _) => {
-                let (kind, priority, user) = (job.kind(), job.priority, job.user.clone());
+                let (kind, priority, user) = (job.kind(), job.priority, job.user_key);
                 let secs = job.spec.queue_timeout_secs.unwrap_or(0);
-                self.queues[kind.index()].remove(priority, &user, id);
+                self.queues[kind.index()].remove(priority, user, id);
                 self.set_state(
                     id,
                     JobState::TimedOut,
@@ -910,23 +957,20 @@ impl Core {
     fn owns(&self, agent: &AgentId, id: JobId, number: u32) -> bool {
         self.jobs
             .get(&id)
-            .and_then(Job::held)
+            .and_then(|j| j.held())
             .is_some_and(|a| a.number == number && &a.agent == agent)
     }
 
     fn started(&mut self, agent: &AgentId, id: JobId, number: u32) {
         let now = self.now;
-        let job = self.jobs.get_mut(&id).expect("owned job");
+        let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("owned job").job);
         let attempt = job.held_mut().expect("owned attempt");
         if attempt.phase != Phase::Active || attempt.started_at.is_some() {
             return;
         }
         attempt.started_at = Some(now);
-        self.set_state(
-            id,
-            JobState::Running,
-            format!("attempt {number} started on agent {agent}"),
-        );
+        let reason = self.text(format_args!("attempt {number} started on agent {agent}"));
+        self.set_state(id, JobState::Running, reason);
     }
 
     fn finished(
@@ -942,7 +986,7 @@ impl Core {
             Some(number),
             Some(agent.clone()),
             EventKind::Finished,
-            describe(&report.outcome),
+            Arc::clone(&self.finished_reason),
         );
         self.release(id, Release::Finished(report));
         self.out.push(Effect::Send {
@@ -990,19 +1034,18 @@ impl Core {
 
     // ---- bookkeeping -------------------------------------------------------
 
-    fn set_state(&mut self, id: JobId, state: JobState, reason: String) {
+    fn set_state(&mut self, id: JobId, state: JobState, reason: impl Into<Arc<str>>) {
         let now = self.now;
-        let job = self.jobs.get_mut(&id).expect("job exists");
+        let mut reason: Arc<str> = reason.into();
+        if reason.len() > self.config.reason_bytes_max {
+            reason = Arc::from(spec::truncated(&reason, self.config.reason_bytes_max));
+        }
+        let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("job exists").job);
         assert!(
             !job.state.is_terminal(),
             "job {id}: terminal state {} cannot become {state}",
             job.state
         );
-        let reason: Arc<str> = if reason.len() > self.config.reason_bytes_max {
-            Arc::from(spec::truncated(&reason, self.config.reason_bytes_max))
-        } else {
-            Arc::from(reason)
-        };
         job.state = state;
         job.reason = reason.clone();
         job.history.push(Transition {
@@ -1026,9 +1069,36 @@ impl Core {
         self.touch(id);
     }
 
+    /// The user's key, assigned on first sight. Users are accounts, so the
+    /// table is as large as the set of people who ever submitted.
+    fn intern(&mut self, name: &Arc<str>) -> UserKey {
+        if let Some(key) = self.users.get(name) {
+            return *key;
+        }
+        let key = UserKey(u32::try_from(self.user_names.len()).expect("fewer than 2^32 users"));
+        self.users.insert(name.clone(), key);
+        self.user_names.push(name.clone());
+        self.held.push([0, 0]);
+        key
+    }
+
+    /// Formats a reason once into a shared string, cut to `reason_bytes_max`.
+    fn text(&mut self, args: std::fmt::Arguments<'_>) -> Arc<str> {
+        use std::fmt::Write;
+        self.scratch.clear();
+        let _ = self.scratch.write_fmt(args);
+        Arc::from(spec::truncated_str(
+            &self.scratch,
+            self.config.reason_bytes_max,
+        ))
+    }
+
     /// Marks the job's record for this step's transaction and re-derives its timer.
     fn touch(&mut self, id: JobId) {
-        self.dirty.insert(id);
+        // A step touches a handful of jobs: a scan beats a set.
+        if !self.dirty.contains(&id) {
+            self.dirty.push(id);
+        }
         self.rearm(id);
     }
 
@@ -1054,21 +1124,21 @@ impl Core {
     /// jobs that are over and hold nothing (the store keeps them).
     fn flush(&mut self) -> std::vec::Drain<'_, Effect> {
         self.effects.clear();
-        for id in std::mem::take(&mut self.dirty) {
+        for i in 0..self.dirty.len() {
+            let id = self.dirty[i];
             let done = self
                 .jobs
                 .get(&id)
                 .is_some_and(|j| j.state.is_terminal() && j.held().is_none());
             let record = if done {
                 self.timers.set(TimerKey::Job(id), None);
-                self.jobs.remove(&id).expect("done job exists")
+                self.jobs.remove(&id).expect("done job exists").job
             } else {
-                self.jobs[&id].clone()
+                self.jobs[&id].job.clone()
             };
-            self.effects.push(Effect::Persist {
-                job: Box::new(record),
-            });
+            self.effects.push(Effect::Persist { job: record });
         }
+        self.dirty.clear();
         self.effects.append(&mut self.out);
         self.effects.drain(..)
     }
@@ -1079,7 +1149,8 @@ impl Core {
             jobs: &self.jobs,
             queues: &self.queues,
             pool_used: &self.pool_used,
-            held_by_user: &self.held_by_user,
+            held: &self.held,
+            user_names: &self.user_names,
             agents: &self.agents,
             timers: &self.timers,
         }
@@ -1111,8 +1182,9 @@ impl Core {
             }
             let id = job.id;
             let kind = job.kind();
+            let user = core.intern(&job.user);
             if job.state == JobState::Queued {
-                core.queues[kind.index()].push(job.priority, &job.user, id);
+                core.queues[kind.index()].push(job.priority, user, id);
             }
             if let Some(attempt) = job.held() {
                 let agent = attempt.agent.clone();
@@ -1133,12 +1205,18 @@ impl Core {
                         Some(now.plus_ms(core.config.agent_grace_ms)),
                     );
                 }
-                let (cpus, user) = (attempt.cpus, job.user.clone());
+                let cpus = attempt.cpus;
                 core.agents
                     .update(&agent, |a| a.cpus = a.cpus.max(a.used_cpus + cpus));
-                core.hold(&agent, id, &user, kind, cpus);
+                core.hold(&agent, id, user, kind, cpus);
             }
-            core.jobs.insert(id, job);
+            core.jobs.insert(
+                id,
+                Live {
+                    job: Arc::new(job),
+                    user_key: user,
+                },
+            );
             core.rearm(id);
         }
         // No agent is connected yet, so this can only park users at their cap.
@@ -1200,22 +1278,28 @@ fn check_record(job: &Job, next_job: u64) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn describe(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Exited { code } => format!("exited with code {code}"),
-        Outcome::Signaled { signal } => format!("killed by signal {signal}"),
-        Outcome::Killed => "killed on request".to_string(),
-        Outcome::SpawnFailed { error } => format!("could not start: {error}"),
+/// An outcome in words, formatted without allocating.
+struct Described<'a>(&'a Outcome);
+
+impl std::fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Outcome::Exited { code } => write!(f, "exited with code {code}"),
+            Outcome::Signaled { signal } => write!(f, "killed by signal {signal}"),
+            Outcome::Killed => f.write_str("killed on request"),
+            Outcome::SpawnFailed { error } => write!(f, "could not start: {error}"),
+        }
     }
 }
 
 /// Read-only view of the core's internals, for `check_invariants`.
 pub(super) struct Parts<'a> {
     pub config: &'a CoreConfig,
-    pub jobs: &'a BTreeMap<JobId, Job>,
+    pub jobs: &'a JobTable,
     pub queues: &'a [FairQueue; 2],
     pub pool_used: &'a [u32; 2],
-    pub held_by_user: &'a BTreeMap<(Arc<str>, Kind), u32>,
+    pub held: &'a [[u32; 2]],
+    pub user_names: &'a [Arc<str>],
     pub agents: &'a Agents,
     pub timers: &'a Timers,
 }

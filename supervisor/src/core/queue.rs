@@ -6,20 +6,18 @@
 //! reached are parked out of the ring, so one scheduling decision looks at
 //! one user's head, never at the whole queue.
 
+use super::types::{JobId, UserKey};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
-
-use super::types::JobId;
 
 #[derive(Clone, Debug, Default)]
 struct Level {
     /// Users with waiting jobs whose turn comes in this order.
-    ring: VecDeque<Arc<str>>,
+    ring: VecDeque<UserKey>,
     /// Users with waiting jobs who hold all their plan allows.
-    parked: BTreeSet<Arc<str>>,
+    parked: BTreeSet<UserKey>,
     /// Each user's waiting jobs, oldest first (sorted by id).
-    jobs: BTreeMap<Arc<str>, VecDeque<JobId>>,
+    jobs: BTreeMap<UserKey, VecDeque<JobId>>,
     len: usize,
 }
 
@@ -28,7 +26,7 @@ struct Level {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     pub priority: u8,
-    pub user: Arc<str>,
+    pub user: UserKey,
     pub job: JobId,
 }
 
@@ -45,26 +43,26 @@ impl FairQueue {
 
     /// Adds `job` in id order among the user's jobs (a requeued job goes back
     /// before later submissions). A user new to the level joins the ring's back.
-    pub fn push(&mut self, priority: u8, user: &Arc<str>, job: JobId) {
+    pub fn push(&mut self, priority: u8, user: UserKey, job: JobId) {
         let level = self.levels.entry(Reverse(priority)).or_default();
-        let jobs = level.jobs.entry(user.clone()).or_default();
+        let jobs = level.jobs.entry(user).or_default();
         let was_empty = jobs.is_empty();
         let at = jobs.partition_point(|j| *j < job);
         assert!(jobs.get(at) != Some(&job), "job {job} queued twice");
         jobs.insert(at, job);
         if was_empty {
-            level.ring.push_back(user.clone());
+            level.ring.push_back(user);
         }
         level.len += 1;
         self.len += 1;
     }
 
     /// Removes a waiting job; false if it was not here.
-    pub fn remove(&mut self, priority: u8, user: &Arc<str>, job: JobId) -> bool {
+    pub fn remove(&mut self, priority: u8, user: UserKey, job: JobId) -> bool {
         let Some(level) = self.levels.get_mut(&Reverse(priority)) else {
             return false;
         };
-        let Some(jobs) = level.jobs.get_mut(user) else {
+        let Some(jobs) = level.jobs.get_mut(&user) else {
             return false;
         };
         let Ok(at) = jobs.binary_search(&job) else {
@@ -72,9 +70,9 @@ impl FairQueue {
         };
         jobs.remove(at);
         if jobs.is_empty() {
-            level.jobs.remove(user);
-            if !level.parked.remove(user) {
-                let pos = level.ring.iter().position(|u| u == user);
+            level.jobs.remove(&user);
+            if !level.parked.remove(&user) {
+                let pos = level.ring.iter().position(|u| *u == user);
                 level
                     .ring
                     .remove(pos.expect("user with jobs is in the ring or parked"));
@@ -90,11 +88,11 @@ impl FairQueue {
 
     pub fn head(&self) -> Option<Head> {
         self.levels.iter().find_map(|(Reverse(priority), level)| {
-            let user = level.ring.front()?;
-            let job = *level.jobs[user].front().expect("ring users have jobs");
+            let user = *level.ring.front()?;
+            let job = *level.jobs[&user].front().expect("ring users have jobs");
             Some(Head {
                 priority: *priority,
-                user: user.clone(),
+                user,
                 job,
             })
         })
@@ -136,45 +134,45 @@ impl FairQueue {
     }
 
     /// The user released something: back into every ring it was parked out of.
-    pub fn unpark(&mut self, user: &Arc<str>) {
+    pub fn unpark(&mut self, user: UserKey) {
         for level in self.levels.values_mut() {
-            if level.parked.remove(user) {
-                level.ring.push_back(user.clone());
+            if level.parked.remove(&user) {
+                level.ring.push_back(user);
             }
         }
     }
 
-    pub fn is_parked(&self, priority: u8, user: &Arc<str>) -> bool {
+    pub fn is_parked(&self, priority: u8, user: UserKey) -> bool {
         self.levels
             .get(&Reverse(priority))
-            .is_some_and(|l| l.parked.contains(user))
+            .is_some_and(|l| l.parked.contains(&user))
     }
 
     /// The job's place in line, 1 being next: every job of a higher priority,
     /// then the round-robin turns of the other users of its level before it.
     /// Costs one pass over the users of the level, not over the jobs.
-    pub fn position(&self, priority: u8, user: &Arc<str>, job: JobId) -> Option<usize> {
+    pub fn position(&self, priority: u8, user: UserKey, job: JobId) -> Option<usize> {
         let mut position = 0;
         for (Reverse(p), level) in &self.levels {
             if *p != priority {
                 position += level.len;
                 continue;
             }
-            let index = level.jobs.get(user)?.binary_search(&job).ok()?;
-            let rank = |u: &Arc<str>| {
+            let index = level.jobs.get(&user)?.binary_search(&job).ok()?;
+            let rank = |u: UserKey| {
                 level
                     .ring
                     .iter()
-                    .position(|r| r == u)
+                    .position(|r| *r == u)
                     .unwrap_or(level.ring.len() + 1)
             };
             let own_rank = rank(user);
             for (other, jobs) in &level.jobs {
-                if other == user {
+                if *other == user {
                     continue;
                 }
                 position += jobs.len().min(index);
-                if jobs.len() > index && rank(other) < own_rank {
+                if jobs.len() > index && rank(*other) < own_rank {
                     position += 1;
                 }
             }
@@ -185,12 +183,12 @@ impl FairQueue {
 
     /// Every waiting job with its priority and user, level by level, in
     /// per-user FIFO order (for invariant checks and restore tests).
-    pub fn entries(&self) -> impl Iterator<Item = (u8, &Arc<str>, JobId)> + '_ {
+    pub fn entries(&self) -> impl Iterator<Item = (u8, UserKey, JobId)> + '_ {
         self.levels.iter().flat_map(|(Reverse(p), level)| {
             level
                 .jobs
                 .iter()
-                .flat_map(move |(user, jobs)| jobs.iter().map(move |j| (*p, user, *j)))
+                .flat_map(move |(user, jobs)| jobs.iter().map(move |j| (*p, *user, *j)))
         })
     }
 
@@ -207,7 +205,7 @@ impl FairQueue {
                     "user {user}'s jobs are not in FIFO (id) order"
                 );
                 let in_ring = level.ring.iter().filter(|u| *u == user).count();
-                let parked = usize::from(level.parked.contains(user));
+                let parked = usize::from(level.parked.contains(&user));
                 assert_eq!(
                     in_ring + parked,
                     1,

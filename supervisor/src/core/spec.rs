@@ -247,14 +247,19 @@ pub fn validate(
 
 /// `text` cut to at most `max` bytes on a character boundary.
 pub fn truncated(text: &str, max: usize) -> String {
+    truncated_str(text, max).to_string()
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, borrowed.
+pub fn truncated_str(text: &str, max: usize) -> &str {
     if text.len() <= max {
-        return text.to_string();
+        return text;
     }
     let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_string()
+    &text[..end]
 }
 
 /// The last `max` bytes of `text`, starting on a character boundary.

@@ -37,6 +37,23 @@ impl fmt::Display for JobId {
     }
 }
 
+/// A user as the scheduler counts them: a dense number the core interns from
+/// the user's name, so queues and caps compare integers, not strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserKey(pub u32);
+
+impl UserKey {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for UserKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "user#{}", self.0)
+    }
+}
+
 /// An agent's name, chosen by the agent (or its driver) and stable across reconnects.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
