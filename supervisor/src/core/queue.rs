@@ -205,7 +205,7 @@ impl FairQueue {
                     "user {user}'s jobs are not in FIFO (id) order"
                 );
                 let in_ring = level.ring.iter().filter(|u| *u == user).count();
-                let parked = usize::from(level.parked.contains(&user));
+                let parked = usize::from(level.parked.contains(user));
                 assert_eq!(
                     in_ring + parked,
                     1,
