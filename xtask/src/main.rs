@@ -4,7 +4,8 @@
 //!   cargo xtask bench   the core benchmark (criterion), release build
 
 use std::env;
-use std::process::{Command, ExitCode};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
 
 /// Where the simulation build lives, apart from the normal one.
 const SIM_TARGET_DIR: &str = "target/sim";
@@ -34,7 +35,46 @@ enum Mode {
     Simulation,
 }
 
+/// Tests counted across every `cargo test` run, for one closing line.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Reads a libtest closing line: "test result: ok. 33 passed; 0 failed; ...".
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                _ => {}
+            }
+        }
+    }
+}
+
 fn cargo(mode: Mode, args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
+    cargo_counted(mode, args, envs, None)
+}
+
+fn cargo_counted(
+    mode: Mode,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    tally: Option<&mut Tally>,
+) -> Result<(), String> {
     let mut command = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
     command.args(args);
     if mode == Mode::Simulation {
@@ -59,7 +99,20 @@ fn cargo(mode: Mode, args: &[&str], envs: &[(&str, &str)]) -> Result<(), String>
         args.join(" ")
     );
     eprintln!("\n==> {shown}");
-    let status = command.status().map_err(|e| format!("{shown}: {e}"))?;
+    let status = match tally {
+        None => command.status().map_err(|e| format!("{shown}: {e}"))?,
+        Some(tally) => {
+            command.stdout(Stdio::piped());
+            let mut child = command.spawn().map_err(|e| format!("{shown}: {e}"))?;
+            let stdout = child.stdout.take().expect("stdout is piped");
+            for line in BufReader::new(stdout).lines() {
+                let line = line.map_err(|e| format!("{shown}: reading its output: {e}"))?;
+                println!("{line}");
+                tally.add(&line);
+            }
+            child.wait().map_err(|e| format!("{shown}: {e}"))?
+        }
+    };
     if status.success() {
         Ok(())
     } else {
@@ -83,15 +136,25 @@ fn test() -> Result<(), String> {
             &[],
         )?;
     }
-    cargo(Mode::Normal, &["test", "--workspace"], &[])?;
-    // The model test's 10,000 sequences already ran above; in simulation mode
-    // the same pure core gets a smaller sample, the madsim tests run in full.
-    cargo(
-        Mode::Simulation,
+    let mut tally = Tally::default();
+    let normal = cargo_counted(
+        Mode::Normal,
         &["test", "--workspace"],
-        &[("FOREMAN_MODEL_SEQUENCES", "1000")],
-    )?;
-    Ok(())
+        &[],
+        Some(&mut tally),
+    );
+    // The model test's 10,000 sequences run in the normal build; in simulation
+    // mode the same pure core gets a smaller sample, the madsim tests run in full.
+    let simulation = normal.and_then(|()| {
+        cargo_counted(
+            Mode::Simulation,
+            &["test", "--workspace"],
+            &[("FOREMAN_MODEL_SEQUENCES", "1000")],
+            Some(&mut tally),
+        )
+    });
+    println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+    simulation
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {
