@@ -110,6 +110,8 @@ pub enum SubmitError {
         kind: Kind,
         plan: String,
     },
+    #[error("plan {plan} allows no {kind} jobs")]
+    KindNotAllowed { kind: Kind, plan: String },
     #[error("queue_timeout_secs must be between 1 and {max}; got {got}")]
     QueueTimeout { got: u64, max: u64 },
     #[error("max_attempts must be between 1 and {max}; got {got}")]
@@ -205,6 +207,12 @@ pub fn validate(
         });
     }
     let kind_limits = plan.limits(kind);
+    if kind_limits.max_running == 0 {
+        return Err(SubmitError::KindNotAllowed {
+            kind,
+            plan: plan_name.to_string(),
+        });
+    }
     let max_run_secs = spec.max_run_secs.unwrap_or(kind_limits.default_run_secs);
     if max_run_secs == 0 || max_run_secs > kind_limits.max_run_secs_limit {
         return Err(SubmitError::RunLimit {

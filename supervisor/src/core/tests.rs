@@ -173,6 +173,23 @@ fn submit_bad_input_gets_a_typed_error_and_nothing_is_queued() {
 }
 
 #[test]
+fn submit_a_kind_the_plan_does_not_allow_is_rejected_instead_of_waiting_forever() {
+    let mut config = basic_config();
+    config.plans.get_mut("basic").unwrap().parallel.max_running = 0;
+    let mut h = Harness::new(config);
+    match h.try_submit("ana", "basic", parallel(1)) {
+        Reply::Rejected { error } => {
+            assert_eq!(error.to_string(), "plan basic allows no parallel jobs")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        h.try_submit("ana", "basic", cmd(&["x"])),
+        Reply::Submitted { .. }
+    ));
+}
+
+#[test]
 fn submit_a_repeated_idempotency_key_returns_the_first_job_until_the_window_ends() {
     let mut h = harness();
     let spec = SubmitSpec {
