@@ -233,3 +233,25 @@ pub enum EventKind {
     AgentLost,
     AgentClosed,
 }
+
+impl EventKind {
+    pub const ALL: [EventKind; 17] = [
+        EventKind::Submitted,
+        EventKind::Rejected,
+        EventKind::Dispatched,
+        EventKind::Started,
+        EventKind::Finished,
+        EventKind::StopRequested,
+        EventKind::AttemptReleased,
+        EventKind::Requeued,
+        EventKind::Ended,
+        EventKind::CancelRequested,
+        EventKind::StaleReport,
+        EventKind::AgentConnected,
+        EventKind::AgentReplaced,
+        EventKind::AgentRefused,
+        EventKind::AgentDisconnected,
+        EventKind::AgentLost,
+        EventKind::AgentClosed,
+    ];
+}
