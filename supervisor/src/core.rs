@@ -22,6 +22,42 @@ mod model_tests;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
+pub(crate) mod testkit_public {
+    //! Records for tests of other modules (the store).
+    use std::sync::Arc;
+
+    use super::*;
+
+    pub fn sample_job(id: u64, user: &str, state: JobState) -> Job {
+        let spec = spec::validate(
+            &CoreConfig::default(),
+            "basic",
+            &CoreConfig::default().plans["basic"],
+            SubmitSpec::command(["echo", "hi"]),
+        )
+        .expect("valid");
+        Job {
+            id: JobId(id),
+            user: Arc::from(user),
+            plan: Arc::from("basic"),
+            priority: 0,
+            spec: Arc::new(spec),
+            state,
+            submitted_at: Millis(1_000),
+            finished_at: state.is_terminal().then_some(Millis(2_000)),
+            attempts: Vec::new(),
+            history: vec![Transition {
+                at: Millis(1_000),
+                state,
+                reason: Arc::from("test"),
+            }],
+            exit_code: None,
+            output_tail: String::new(),
+            reason: Arc::from("test"),
+        }
+    }
+}
+#[cfg(test)]
 mod tests;
 
 pub use agents::{Agent, Link};

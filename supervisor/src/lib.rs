@@ -9,3 +9,4 @@
 pub mod core;
 pub mod seam;
 pub mod shell;
+pub mod store;
