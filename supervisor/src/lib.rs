@@ -7,6 +7,7 @@
 //! feeds the core and carries out its effects).
 
 pub mod core;
+pub mod protocol;
 pub mod seam;
 pub mod shell;
 pub mod store;

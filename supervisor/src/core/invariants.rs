@@ -114,7 +114,7 @@ impl Core {
                     .map_or(0, |plan| plan.limits(job.kind()).max_running);
                 caps[u][k] = caps[u][k].max(plan_cap);
             }
-            let deadline = job.deadline(p.config);
+            let deadline = job.deadline(p.config, self.holder_connected(job));
             assert_eq!(
                 p.timers.get(&TimerKey::Job(*id)),
                 deadline,
@@ -173,7 +173,7 @@ impl Core {
         let timers_expected = p
             .jobs
             .values()
-            .filter(|j| j.deadline(p.config).is_some())
+            .filter(|j| j.deadline(p.config, self.holder_connected(j)).is_some())
             .count()
             + p.agents
                 .iter()

@@ -126,20 +126,26 @@ impl Job {
         (self.attempts.len() as u32) < self.spec.max_attempts
     }
 
-    /// The one instant at which something happens to this job by itself, if any.
-    /// Derived from the record, so a restored job gets its timer back.
-    pub fn deadline(&self, config: &CoreConfig) -> Option<Millis> {
+    /// The one instant at which something happens to this job by itself, if
+    /// any. Derived from the record and whether the held attempt's agent is
+    /// connected, so a restored job gets its timer back. While the agent is
+    /// away, neither the dispatch acknowledgement nor a stop confirmation can
+    /// arrive, so only the agent's grace period decides; the job's own run
+    /// limit still applies.
+    pub fn deadline(&self, config: &CoreConfig, agent_connected: bool) -> Option<Millis> {
         if let Some(attempt) = self.held() {
             return match attempt.phase {
-                Phase::Stopping { since, .. } => Some(since.plus_ms(config.stop_timeout_ms)),
+                Phase::Stopping { since, .. } => {
+                    agent_connected.then(|| since.plus_ms(config.stop_timeout_ms))
+                }
                 Phase::Active if self.state.is_terminal() => None,
                 Phase::Active => match attempt.started_at {
                     Some(started) => Some(started.plus_secs(self.spec.max_run_secs)),
-                    None => Some(
+                    None => agent_connected.then(|| {
                         attempt
                             .dispatched_at
-                            .plus_ms(config.dispatch_ack_timeout_ms),
-                    ),
+                            .plus_ms(config.dispatch_ack_timeout_ms)
+                    }),
                 },
                 Phase::Ended => None,
             };

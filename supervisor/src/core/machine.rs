@@ -355,8 +355,15 @@ impl Core {
         if expires <= self.now {
             return;
         }
-        self.idempotency
-            .insert((user.clone(), key.clone()), (job, expires));
+        let map_key = (user.clone(), key.clone());
+        if self
+            .idempotency
+            .get(&map_key)
+            .is_some_and(|(first, _)| *first < job)
+        {
+            return; // the key names the first job that used it
+        }
+        self.idempotency.insert(map_key, (job, expires));
         self.idempotency_expiry.push_back((expires, user, key));
     }
 
@@ -574,7 +581,12 @@ impl Core {
                 self.set_state(id, JobState::Canceled, reason)
             }
             (state, _) if state.is_terminal() => self.touch(id),
-            (_, Release::Finished(report)) if stop != Some(StopReason::DispatchTimeout) => {
+            // A process that ran to its end counts, even if its start was
+            // acknowledged too late; only a killed one never really ran.
+            (_, Release::Finished(report))
+                if !(stop == Some(StopReason::DispatchTimeout)
+                    && report.outcome == Outcome::Killed) =>
+            {
                 match report.outcome {
                     Outcome::Exited { code: 0 } => self.set_state(id, JobState::Succeeded, reason),
                     _ => self.set_state(id, JobState::Failed, reason),
@@ -593,16 +605,17 @@ impl Core {
         self.set_state(id, JobState::Queued, reason);
     }
 
-    /// Asks the agent to kill the held attempt; if the agent is not connected
-    /// the attempt is given up at once (a returning agent is told to kill it).
+    /// Asks the agent to kill the held attempt. The attempt keeps its CPUs
+    /// until the agent confirms, or its grace period ends; an agent that is
+    /// away now is told when it comes back.
     fn stop_attempt(&mut self, id: JobId, reason: StopReason) {
         let now = self.now;
         let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("stopped job exists").job);
         let attempt = job.held_mut().expect("stopped job holds an attempt");
+        attempt.phase = Phase::Stopping { reason, since: now };
         let (agent, number) = (attempt.agent.clone(), attempt.number);
-        match self.agents.get(&agent).and_then(Agent::conn) {
+        let text = match self.agents.get(&agent).and_then(Agent::conn) {
             Some(conn) => {
-                attempt.phase = Phase::Stopping { reason, since: now };
                 self.out.push(Effect::Send {
                     agent: agent.clone(),
                     conn,
@@ -612,23 +625,21 @@ impl Core {
                         reason: KillReason::Stop(reason),
                     },
                 });
-                self.event(
-                    Some(id),
-                    Some(number),
-                    Some(agent),
-                    EventKind::StopRequested,
-                    reason.as_str().to_string(),
-                );
-                self.touch(id);
+                reason.as_str().to_string()
             }
-            None => {
-                attempt.phase = Phase::Stopping { reason, since: now };
-                self.release(
-                    id,
-                    Release::Abandoned(format!("{}; agent {agent} not connected", reason.as_str())),
-                );
-            }
-        }
+            None => format!(
+                "{}; agent not connected, told when it returns",
+                reason.as_str()
+            ),
+        };
+        self.event(
+            Some(id),
+            Some(number),
+            Some(agent),
+            EventKind::StopRequested,
+            text,
+        );
+        self.touch(id);
     }
 
     // ---- timers ------------------------------------------------------------
@@ -655,7 +666,13 @@ impl Core {
                     format!("waited in the queue more than {secs} s"),
                 );
             }
-            (_, Some((Phase::Active, None))) => self.stop_attempt(id, StopReason::DispatchTimeout),
+            (_, Some((Phase::Active, None))) => {
+                debug_assert!(
+                    self.holder_connected(job),
+                    "dispatch timer armed while the agent is away"
+                );
+                self.stop_attempt(id, StopReason::DispatchTimeout)
+            }
             (_, Some((Phase::Active, Some(_)))) => {
                 let secs = job.spec.max_run_secs;
                 self.set_state(
@@ -683,10 +700,9 @@ impl Core {
                         );
                         self.disconnect(&agent, GoneReason::Unresponsive);
                     }
-                    None => self.release(
-                        id,
-                        Release::Abandoned(format!("agent {agent} did not confirm the kill")),
-                    ),
+                    None => {
+                        unreachable!("stop timer of job {id} armed while agent {agent} is away")
+                    }
                 }
             }
             (state, held) => unreachable!("job {id} in {state} with {held:?} had a deadline"),
@@ -717,7 +733,10 @@ impl Core {
     }
 
     fn rearm(&mut self, id: JobId) {
-        let at = self.jobs.get(&id).and_then(|j| j.deadline(&self.config));
+        let at = self
+            .jobs
+            .get(&id)
+            .and_then(|j| j.deadline(&self.config, self.holder_connected(j)));
         self.timers.set(TimerKey::Job(id), at);
     }
 
@@ -769,6 +788,16 @@ impl Core {
                 conn,
                 reason: CloseReason::Refused,
             });
+            return;
+        }
+        if self.agents.get(&agent_id).and_then(Agent::conn) == Some(conn) {
+            self.event(
+                None,
+                None,
+                Some(agent_id),
+                EventKind::AgentRefused,
+                "a second hello on one connection is ignored",
+            );
             return;
         }
         let now = self.now;
@@ -835,17 +864,9 @@ impl Core {
                     Some(finished) => self.finished(conn, agent_id, id, number, finished),
                     None => match phase {
                         Phase::Active => self.started(agent_id, id, number),
-                        Phase::Stopping { reason, .. } => {
-                            self.out.push(Effect::Send {
-                                agent: agent_id.clone(),
-                                conn,
-                                msg: ToAgent::Kill {
-                                    job: id,
-                                    attempt: number,
-                                    reason: KillReason::Stop(reason),
-                                },
-                            });
-                        }
+                        // Still running what it was told to stop: tell it again,
+                        // and count the stop timeout from now.
+                        Phase::Stopping { reason, .. } => self.stop_attempt(id, reason),
                         Phase::Ended => unreachable!("held attempt ended"),
                     },
                 },
@@ -999,8 +1020,9 @@ impl Core {
         });
     }
 
-    /// The agent's connection is gone: its capacity leaves the pool, attempts
-    /// being stopped are given up, running ones wait out the grace period.
+    /// The agent's connection is gone: its capacity leaves the pool, and its
+    /// attempts (running or being stopped) wait out the grace period, with
+    /// their CPUs still held, for it to come back and say how they are.
     fn disconnect(&mut self, agent_id: &AgentId, reason: GoneReason) {
         let now = self.now;
         let jobs = self
@@ -1022,13 +1044,7 @@ impl Core {
             reason.as_str().to_string(),
         );
         for id in jobs {
-            let phase = self.jobs[&id].held().expect("agent lists a held job").phase;
-            if let Phase::Stopping { reason: stop, .. } = phase {
-                self.release(
-                    id,
-                    Release::Abandoned(format!("{}; agent {agent_id} disconnected", stop.as_str())),
-                );
-            }
+            self.rearm(id);
         }
     }
 
@@ -1091,6 +1107,13 @@ impl Core {
             &self.scratch,
             self.config.reason_bytes_max,
         ))
+    }
+
+    /// Whether the agent holding the job's attempt (if any) is connected.
+    pub(super) fn holder_connected(&self, job: &Job) -> bool {
+        job.held()
+            .and_then(|a| self.agents.get(&a.agent))
+            .is_some_and(|a| a.conn().is_some())
     }
 
     /// Marks the job's record for this step's transaction and re-derives its timer.
@@ -1170,7 +1193,7 @@ impl Core {
         core.now = now;
         core.next_job = next_job_id.max(1);
         for job in records {
-            check_record(&job, core.next_job)?;
+            check_record(&core.config, &job, core.next_job)?;
             if let Some(key) = &job.spec.idempotency_key {
                 core.remember_key(job.user.clone(), key.clone(), job.id, job.submitted_at);
             }
@@ -1219,6 +1242,49 @@ impl Core {
             );
             core.rearm(id);
         }
+        // Idempotency keys were remembered in record order; expiry needs time order.
+        core.idempotency_expiry.make_contiguous().sort();
+        // What the jobs hold must fit what the configuration now allows: a
+        // pool or cap shrunk below running work is an operator's error to fix.
+        for kind in Kind::ALL {
+            let (used, size) = (core.pool_used[kind.index()], core.config.pool_cpus(kind));
+            if used > size {
+                let job = core
+                    .jobs
+                    .values()
+                    .filter(|j| j.kind() == kind && j.held().is_some())
+                    .map(|j| j.id)
+                    .max();
+                return Err(RestoreError {
+                    job: job.unwrap_or(JobId(0)),
+                    problem: format!("is among {kind} jobs holding {used} cpus, over the configured pool of {size}"),
+                });
+            }
+        }
+        // Per user and kind, the largest cap among the plans of the jobs held
+        // (a cap is checked per decision with the deciding job's plan).
+        let mut caps: BTreeMap<(UserKey, Kind), (u32, JobId)> = BTreeMap::new();
+        for live in core.jobs.values().filter(|j| j.held().is_some()) {
+            let cap = core.config.plans[&*live.plan]
+                .limits(live.kind())
+                .max_running;
+            let entry = caps
+                .entry((live.user_key, live.kind()))
+                .or_insert((0, live.id));
+            *entry = (entry.0.max(cap), entry.1.max(live.id));
+        }
+        for ((user, kind), (cap, job)) in caps {
+            let held = core.held[user.index()][kind.index()];
+            if held > cap {
+                let name = &core.user_names[user.index()];
+                return Err(RestoreError {
+                    job,
+                    problem: format!(
+                        "is one of {held} {kind} jobs {name} holds, over the plan cap of {cap}"
+                    ),
+                });
+            }
+        }
         // No agent is connected yet, so this can only park users at their cap.
         core.schedule();
         assert!(
@@ -1246,10 +1312,28 @@ impl RestoreError {
     }
 }
 
-fn check_record(job: &Job, next_job: u64) -> Result<(), RestoreError> {
+fn check_record(config: &CoreConfig, job: &Job, next_job: u64) -> Result<(), RestoreError> {
     let fail = |p: &str| Err(RestoreError::new(job.id, p));
     if job.id.0 == 0 || job.id.0 >= next_job {
         return fail("has an id at or past the next id");
+    }
+    let live = !job.state.is_terminal() || job.held().is_some();
+    if live {
+        // A job that still has to run must be servable under this configuration.
+        let Some(plan) = config.plans.get(&*job.plan) else {
+            return fail("names a plan the configuration no longer has");
+        };
+        if plan.limits(job.kind()).max_running == 0 {
+            return fail("is of a kind its plan no longer allows");
+        }
+        if job.spec.cpus == 0
+            || job.spec.cpus > config.agent_cpus_max.min(config.pool_cpus(job.kind()))
+        {
+            return fail("asks for more cpus than an agent or its pool may now have");
+        }
+    }
+    if job.spec.max_attempts == 0 || job.attempts.len() as u32 > job.spec.max_attempts {
+        return fail("has an attempt count outside its max_attempts");
     }
     for (i, a) in job.attempts.iter().enumerate() {
         if a.number as usize != i + 1 {
@@ -1262,18 +1346,26 @@ fn check_record(job: &Job, next_job: u64) -> Result<(), RestoreError> {
             return fail("has an attempt whose cpus differ from the job's");
         }
     }
-    let held = job.held().map(|a| a.phase);
+    let held = job.held().map(|a| (a.phase, a.started_at.is_some()));
     let consistent = match job.state {
         JobState::Queued => held.is_none(),
-        JobState::Dispatched | JobState::Running => held.is_some(),
-        JobState::Canceling => matches!(held, Some(Phase::Stopping { .. })),
-        _ => matches!(held, None | Some(Phase::Stopping { .. })),
+        JobState::Dispatched => matches!(
+            held,
+            Some((Phase::Active, false))
+                | Some((
+                    Phase::Stopping {
+                        reason: StopReason::DispatchTimeout,
+                        ..
+                    },
+                    false
+                ))
+        ),
+        JobState::Running => matches!(held, Some((Phase::Active, true))),
+        JobState::Canceling => matches!(held, Some((Phase::Stopping { .. }, _))),
+        _ => matches!(held, None | Some((Phase::Stopping { .. }, _))),
     };
     if !consistent {
         return fail("has a state that does not match its attempts");
-    }
-    if job.attempts.len() as u32 > job.spec.max_attempts {
-        return fail("has more attempts than it allows");
     }
     Ok(())
 }

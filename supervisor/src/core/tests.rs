@@ -1,6 +1,7 @@
 //! The core's rules, one test each, named like the incident they prevent.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::testkit::*;
 use super::*;
@@ -475,7 +476,7 @@ fn cancel_races_completion_cancel_wins_and_the_exit_code_is_kept() {
 }
 
 #[test]
-fn cancel_on_a_disconnected_agent_ends_canceled_at_once() {
+fn cancel_on_a_disconnected_agent_holds_the_slot_until_it_returns_and_kills() {
     let mut h = harness();
     h.connect("a1", 1);
     let job = h.submit("ana", "basic", cmd(&["x"]));
@@ -485,10 +486,17 @@ fn cancel_on_a_disconnected_agent_ends_canceled_at_once() {
         h.cancel(job),
         Reply::Cancel {
             job,
-            state: JobState::Canceled
+            state: JobState::Canceling
         }
     );
-    // The agent returns still running it: it is told to kill it.
+    assert!(kills(&h.log).is_empty(), "nobody to tell yet");
+    assert_eq!(
+        h.core.pool_used(Kind::Sequential),
+        1,
+        "the process may still run: its cpu stays held"
+    );
+    // The agent returns still running it: it is told to kill it, and the
+    // job is canceled once it confirms.
     let effects = h.connect_with(
         "a1",
         1,
@@ -500,9 +508,31 @@ fn cancel_on_a_disconnected_agent_ends_canceled_at_once() {
     );
     assert_eq!(
         kills(&effects),
-        vec![("a1".to_string(), job, 1, KillReason::NotOwned)]
+        vec![(
+            "a1".to_string(),
+            job,
+            1,
+            KillReason::Stop(StopReason::Cancel)
+        )]
     );
-    assert_eq!(events(&effects, EventKind::StaleReport).len(), 1);
+    h.finished("a1", job, 1, Outcome::Killed);
+    assert_eq!(h.state(job), JobState::Canceled);
+    assert_eq!(h.core.pool_used(Kind::Sequential), 0);
+}
+
+#[test]
+fn cancel_on_an_agent_that_never_returns_ends_canceled_after_its_grace() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    h.gone("a1", GoneReason::Closed);
+    h.cancel(job);
+    h.advance(29_999);
+    assert_eq!(h.state(job), JobState::Canceling);
+    h.advance(1);
+    assert_eq!(h.state(job), JobState::Canceled);
+    assert!(h.state_record(job).reason.contains("agent a1 lost"));
 }
 
 #[test]
@@ -680,11 +710,13 @@ fn timeout_stop_not_confirmed_closes_the_agent_as_unresponsive() {
             ..
         }
     )));
+    // Closed, it gets the grace period every lost agent gets, slot held.
+    assert_eq!(h.state(job), JobState::Canceling);
+    assert_eq!(h.core.pool_used(Kind::Sequential), 1);
+    h.advance(30_000);
     assert_eq!(h.state(job), JobState::Canceled);
     assert_eq!(h.core.pool_used(Kind::Sequential), 0);
 }
-
-// ---- attempts and stale reports ---------------------------------------------
 
 #[test]
 fn stale_report_for_an_older_attempt_is_rejected_and_killed() {
@@ -1055,6 +1087,81 @@ fn restore_after_a_crash_keeps_every_acknowledged_job() {
     r.exited(&agent_r, running, 1, 0);
     assert_eq!(r.state(running), JobState::Succeeded);
     assert_eq!(r.placed(q1).0, agent_r, "the queue resumes where it was");
+}
+
+#[test]
+fn restore_an_old_dispatch_waits_for_its_agent_instead_of_timing_out_at_once() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_attempts: 2,
+            ..cmd(&["x"])
+        },
+    );
+    let records: Vec<Job> = h.store.values().cloned().collect();
+    // The supervisor was down far longer than the dispatch timeout.
+    let later = h.now + 3_600_000;
+    let core = Core::restore(basic_config(), Millis(later), records, h.core.next_job_id()).unwrap();
+    let mut r = Harness::from_core(core, later);
+    r.store = h.store.clone();
+    r.connect_with(
+        "a1",
+        1,
+        vec![AttemptReport {
+            job,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    assert_eq!(
+        r.state(job),
+        JobState::Running,
+        "the agent's hello keeps it"
+    );
+    assert!(runs(&r.log).is_empty());
+}
+
+#[test]
+fn restore_refuses_jobs_the_configuration_can_no_longer_serve() {
+    let mut h = harness();
+    h.connect("a1", 8);
+    let running = h.submit("ana", "premium", parallel(4));
+    let records: Vec<Job> = h.store.values().cloned().collect();
+    let next = h.core.next_job_id();
+    let now = Millis(h.now);
+    let mut no_premium = basic_config();
+    no_premium.plans.remove("premium");
+    let err = Core::restore(no_premium, now, records.clone(), next)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("plan the configuration no longer has"),
+        "{err}"
+    );
+    let small_pool = CoreConfig {
+        pool_parallel_cpus: 2,
+        ..basic_config()
+    };
+    let err = Core::restore(small_pool, now, records.clone(), next)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("more cpus than an agent or its pool"),
+        "{err}"
+    );
+    let mut tight = basic_config();
+    tight.plans.get_mut("premium").unwrap().parallel.max_running = 0;
+    assert!(Core::restore(tight, now, records.clone(), next).is_err());
+    let mut zero = records[0].clone();
+    Arc::make_mut(&mut zero.spec).max_attempts = 0;
+    assert!(Core::restore(basic_config(), now, vec![zero], next).is_err());
+    assert!(Core::restore(basic_config(), now, records, next).is_ok());
+    let _ = running;
 }
 
 #[test]

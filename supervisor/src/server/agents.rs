@@ -1,0 +1,180 @@
+//! The agent endpoint: one task per websocket connection. It reads the
+//! hello, checks the token, then turns frames into core inputs and the
+//! core's messages into frames, pings on a fixed interval, and declares the
+//! agent gone when nothing arrives within the ping timeout. Whatever ends
+//! the connection (close, error, timeout, a frame out of protocol), the core
+//! hears `AgentGone` exactly once, and nothing else is harmed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{info, warn, Instrument};
+
+use crate::core::{AgentId, GoneReason, Input};
+use crate::protocol::{self, FromAgent, ProtocolError, ToAgentMsg};
+use crate::seam;
+use crate::shell::actor::CoreHandle;
+
+use super::hub::{Hub, Outgoing};
+
+#[derive(Clone, Debug)]
+pub struct AgentEndpoint {
+    /// The SHA-256 (hex) of the token agents must present.
+    pub token_sha256: Arc<str>,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub hello_timeout_ms: u64,
+}
+
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(protocol::FRAME_BYTES_MAX))
+        .max_frame_size(Some(protocol::FRAME_BYTES_MAX))
+}
+
+pub async fn serve(listener: TcpListener, endpoint: AgentEndpoint, core: CoreHandle, hub: Arc<Hub>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "agent listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (endpoint, core, hub) = (endpoint.clone(), core.clone(), hub.clone());
+        let span = tracing::info_span!("agent_conn", peer = %peer);
+        tokio::spawn(connection(stream, endpoint, core, hub).instrument(span));
+    }
+}
+
+async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle, hub: Arc<Hub>) {
+    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            info!(error = %e, "websocket handshake failed");
+            return;
+        }
+    };
+    let (mut sink, mut frames) = ws.split();
+    let hello_wait = Duration::from_millis(endpoint.hello_timeout_ms);
+    let hello = match tokio::time::timeout(hello_wait, frames.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => protocol::decode_from_agent(text.as_str()),
+        Ok(Some(Ok(Message::Binary(_)))) => Err(ProtocolError::Binary),
+        Ok(_) => Err(ProtocolError::NoHello),
+        Err(_) => {
+            info!("no hello within hello_timeout_ms");
+            return;
+        }
+    };
+    let (agent, cpus, labels, attempts) = match hello {
+        Ok(FromAgent::Hello { agent, token, cpus, labels, attempts, .. }) => {
+            if super::auth::sha256_hex(&token) != *endpoint.token_sha256 {
+                warn!(agent.id = %agent, "agent presented an unknown token; closing");
+                let _ = sink.send(Message::Close(None)).await;
+                return;
+            }
+            (AgentId::new(&agent), cpus, labels, attempts)
+        }
+        Ok(_) => {
+            warn!("first message was not a hello; closing");
+            let _ = sink.send(Message::Close(None)).await;
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "bad hello; closing");
+            let _ = sink.send(Message::Close(None)).await;
+            return;
+        }
+    };
+    let (conn, mut outgoing) = hub.open_conn();
+    let span = tracing::info_span!("agent", agent.id = %agent, conn = conn.0);
+    async {
+        let welcome = ToAgentMsg::Welcome {
+            v: protocol::VERSION,
+            ping_interval_ms: endpoint.ping_interval_ms,
+            ping_timeout_ms: endpoint.ping_timeout_ms,
+        };
+        let reason = if sink.send(Message::text(protocol::encode(&welcome))).await.is_err() {
+            GoneReason::Closed
+        } else if core
+            .input(Input::AgentConnected { conn, agent: agent.clone(), cpus, labels, attempts })
+            .await
+            .is_err()
+        {
+            return;
+        } else {
+            info!(cpus, "agent connected");
+            let mut ping = tokio::time::interval(Duration::from_millis(endpoint.ping_interval_ms));
+            let mut last_heard = seam::now();
+            loop {
+                tokio::select! {
+                    frame = frames.next() => {
+                        last_heard = seam::now();
+                        match frame {
+                            Some(Ok(Message::Text(text))) => match protocol::decode_from_agent(text.as_str()) {
+                                Ok(msg) => match msg.into_core() {
+                                    Some(msg) => {
+                                        let input = Input::AgentMessage { conn, agent: agent.clone(), msg };
+                                        if core.input(input).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    None => {
+                                        warn!(error = %ProtocolError::HelloAgain, "closing");
+                                        break GoneReason::ProtocolError;
+                                    }
+                                },
+                                Err(e) => {
+                                    warn!(error = %e, "frame out of protocol; closing");
+                                    break GoneReason::ProtocolError;
+                                }
+                            },
+                            Some(Ok(Message::Binary(_))) => {
+                                warn!(error = %ProtocolError::Binary, "closing");
+                                break GoneReason::ProtocolError;
+                            }
+                            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                            Some(Ok(Message::Close(_))) | None => break GoneReason::Closed,
+                            Some(Err(e)) => {
+                                info!(error = %e, "websocket error");
+                                break GoneReason::ProtocolError;
+                            }
+                        }
+                    }
+                    out = outgoing.recv() => match out {
+                        Some(Outgoing::Msg(msg)) => {
+                            if sink.send(Message::text(protocol::encode(&msg))).await.is_err() {
+                                break GoneReason::Closed;
+                            }
+                        }
+                        Some(Outgoing::Close(why)) => {
+                            info!(?why, "closing as the core asked");
+                            break GoneReason::Closed;
+                        }
+                        None => break GoneReason::Closed,
+                    },
+                    _ = ping.tick() => {
+                        if seam::now().ms_since(last_heard) > endpoint.ping_timeout_ms {
+                            warn!(ping_timeout_ms = endpoint.ping_timeout_ms, "nothing heard within the ping timeout");
+                            break GoneReason::PingTimeout;
+                        }
+                        if sink.send(Message::Ping(Default::default())).await.is_err() {
+                            break GoneReason::Closed;
+                        }
+                    }
+                }
+            }
+        };
+        hub.close_conn(conn);
+        let _ = sink.send(Message::Close(None)).await;
+        info!(?reason, "agent connection ended");
+        let _ = core.input(Input::AgentGone { conn, agent, reason }).await;
+    }
+    .instrument(span)
+    .await
+}

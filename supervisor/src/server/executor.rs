@@ -1,0 +1,67 @@
+//! Carries out a batch of the core's effects in the order durability needs:
+//! every record of the batch is committed in one transaction first, and only
+//! then do messages, replies and events leave. A submission is acknowledged
+//! only once its job is durable.
+
+use std::sync::Arc;
+
+use tracing::{error, info};
+
+use crate::core::{Effect, Event, Job};
+use crate::shell::actor::Executor;
+use crate::store::Store;
+
+use super::hub::{Hub, Outgoing};
+
+pub struct ServerExecutor {
+    pub store: Store,
+    pub hub: Arc<Hub>,
+}
+
+impl Executor for ServerExecutor {
+    async fn execute(&mut self, effects: Vec<Effect>) {
+        let records: Vec<Arc<Job>> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist { job } => Some(job.clone()),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = self.store.commit(&records) {
+            // Nothing of this batch has been acknowledged. Stopping here keeps
+            // that true; a restart restores from the last commit.
+            error!(error = %e, "store commit failed; stopping the supervisor");
+            panic!("store commit failed: {e}");
+        }
+        for record in &records {
+            self.hub.published(record);
+        }
+        for effect in effects {
+            match effect {
+                Effect::Persist { .. } => {}
+                Effect::Send { agent, conn, msg } => {
+                    if !self.hub.send(conn, Outgoing::Msg(msg.into())) {
+                        info!(agent.id = %agent, conn = conn.0, "message for a closed connection dropped");
+                    }
+                }
+                Effect::Close { agent, conn, reason } => {
+                    info!(agent.id = %agent, conn = conn.0, ?reason, "closing agent connection");
+                    self.hub.send(conn, Outgoing::Close(reason));
+                }
+                Effect::Reply { request, reply } => self.hub.reply(request, reply),
+                Effect::Event(event) => log_event(&event),
+            }
+        }
+    }
+}
+
+fn log_event(event: &Event) {
+    info!(
+        job.id = event.job.map(|j| j.0),
+        attempt = event.attempt,
+        agent.id = event.agent.as_ref().map(|a| a.as_str()),
+        kind = ?event.kind,
+        "{}",
+        event.reason
+    );
+}

@@ -1,0 +1,132 @@
+//! What the server's tasks share: open agent connections, replies waited
+//! for, the job-transition broadcast, and counters for metrics. Plain
+//! synchronous maps; no lock is held across an await.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::core::{CloseReason, ConnId, Job, JobId, JobState, Millis, Reply, RequestId};
+use crate::protocol::ToAgentMsg;
+
+/// What an agent connection's task is told to do.
+#[derive(Debug)]
+pub enum Outgoing {
+    Msg(ToAgentMsg),
+    Close(CloseReason),
+}
+
+/// One job transition, as watchers see it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Transition {
+    pub job: JobId,
+    pub state: JobState,
+    pub at: Millis,
+    pub reason: Arc<str>,
+}
+
+/// Dispatch latency buckets (submit or requeue → dispatched), in ms.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 30000];
+
+#[derive(Default)]
+pub struct Latency {
+    pub buckets: [u64; LATENCY_BUCKETS_MS.len()],
+    pub count: u64,
+    pub sum_ms: u64,
+}
+
+pub struct Hub {
+    next_conn: AtomicU64,
+    next_request: AtomicU64,
+    conns: Mutex<BTreeMap<ConnId, mpsc::UnboundedSender<Outgoing>>>,
+    replies: Mutex<BTreeMap<RequestId, oneshot::Sender<Reply>>>,
+    transitions: broadcast::Sender<Transition>,
+    pub dispatch_latency: Mutex<Latency>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            next_conn: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
+            conns: Mutex::new(BTreeMap::new()),
+            replies: Mutex::new(BTreeMap::new()),
+            transitions: broadcast::channel(4096).0,
+            dispatch_latency: Mutex::new(Latency::default()),
+        }
+    }
+}
+
+impl Hub {
+    pub fn open_conn(&self) -> (ConnId, mpsc::UnboundedReceiver<Outgoing>) {
+        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.conns.lock().expect("hub lock").insert(conn, tx);
+        (conn, rx)
+    }
+
+    pub fn close_conn(&self, conn: ConnId) {
+        self.conns.lock().expect("hub lock").remove(&conn);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.lock().expect("hub lock").len()
+    }
+
+    /// Hands `out` to the connection's task; false if it is gone.
+    pub fn send(&self, conn: ConnId, out: Outgoing) -> bool {
+        let conns = self.conns.lock().expect("hub lock");
+        conns.get(&conn).is_some_and(|tx| tx.send(out).is_ok())
+    }
+
+    /// A new request id with the receiver its reply will arrive on.
+    pub fn expect_reply(&self) -> (RequestId, oneshot::Receiver<Reply>) {
+        let request = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.replies.lock().expect("hub lock").insert(request, tx);
+        (request, rx)
+    }
+
+    pub fn forget_reply(&self, request: RequestId) {
+        self.replies.lock().expect("hub lock").remove(&request);
+    }
+
+    pub fn reply(&self, request: RequestId, reply: Reply) {
+        if let Some(tx) = self.replies.lock().expect("hub lock").remove(&request) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    pub fn watch(&self) -> broadcast::Receiver<Transition> {
+        self.transitions.subscribe()
+    }
+
+    /// Publishes the latest transition of a persisted job, and its dispatch latency.
+    pub fn published(&self, job: &Job) {
+        if let Some(t) = job.history.last() {
+            if t.state == JobState::Dispatched {
+                let queued = job.queued_since();
+                self.observe_dispatch(t.at.ms_since(queued));
+            }
+            let _ = self.transitions.send(Transition {
+                job: job.id,
+                state: t.state,
+                at: t.at,
+                reason: t.reason.clone(),
+            });
+        }
+    }
+
+    fn observe_dispatch(&self, ms: u64) {
+        let mut latency = self.dispatch_latency.lock().expect("hub lock");
+        for (i, bound) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            if ms <= *bound {
+                latency.buckets[i] += 1;
+            }
+        }
+        latency.count += 1;
+        latency.sum_ms += ms;
+    }
+}
