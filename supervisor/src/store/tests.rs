@@ -43,7 +43,7 @@ fn store_round_trips_records_and_lists_newest_first() {
     assert_eq!(page, vec![3, 2]);
     // An upsert replaces the record.
     let done = Arc::new(sample_job(3, "bob", JobState::Succeeded));
-    store.commit(&[done.clone()]).unwrap();
+    store.commit(std::slice::from_ref(&done)).unwrap();
     assert_eq!(
         store.job(JobId(3)).unwrap().unwrap().state,
         JobState::Succeeded
