@@ -68,5 +68,5 @@ pub use io::{
 };
 pub use job::{Attempt, Job, Outcome, Phase, StopReason, Transition};
 pub use machine::{Core, RestoreError};
-pub use spec::{JobSpec, SubmitError, SubmitSpec};
+pub use spec::{tail, JobSpec, SubmitError, SubmitSpec};
 pub use types::{AgentId, ConnId, JobId, JobState, Kind, Millis, RequestId};

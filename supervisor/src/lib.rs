@@ -6,8 +6,11 @@
 //! and runtime as the two build modes see them), `shell` (async code that
 //! feeds the core and carries out its effects).
 
+pub mod agent;
+pub mod client;
 pub mod core;
 pub mod protocol;
 pub mod seam;
+pub mod server;
 pub mod shell;
 pub mod store;

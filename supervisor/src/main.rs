@@ -1,31 +1,703 @@
-//! The `foreman` binary.
+//! The `foreman` binary: the supervisor (`serve`), an agent (`agent`), and
+//! the client commands. Settings come from flags, then `FOREMAN_*`
+//! environment variables, then the TOML file named by `--config`, then
+//! defaults; `foreman serve --help` lists them all.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use foreman::agent::{Agent, AgentOptions, ProcessRunner};
+use foreman::client::{Client, WatchEvent};
+use foreman::core::{CoreConfig, JobId, JobState, SubmitSpec};
+use foreman::server::{self, auth, AgentEndpoint, ServerOptions};
+use foreman::store::{Store, User};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser)]
+#[command(
+    name = "foreman",
+    version,
+    about = "A job supervisor for long-running compute jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor, with local agents (one per core unless told otherwise).
+    Serve(ServeArgs),
+    /// Run an agent that connects to a supervisor and runs its jobs.
+    Agent(AgentArgs),
+    /// Submit a job: foreman submit [options] -- CMD ARGS...
+    Submit(SubmitArgs),
+    /// Show one job.
+    Status {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        state: Option<String>,
+        /// Another user's jobs (admin only).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job (idempotent).
+    Cancel {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow a job live until it ends.
+    Watch {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Manage accounts.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user and print their token (shown once).
+    Add {
+        name: String,
+        #[arg(long, default_value = "basic")]
+        plan: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long, env = "FOREMAN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// TOML file with any of these settings, and a [core] table (plans, pools, timeouts).
+    #[arg(long, env = "FOREMAN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database, tokens, run dirs. [default: $XDG_DATA_HOME/foreman or ~/.local/share/foreman]
+    #[arg(long, env = "FOREMAN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address. [default: 127.0.0.1:8470]
+    #[arg(long, env = "FOREMAN_API_ADDR")]
+    api_addr: Option<SocketAddr>,
+    /// Agent websocket address. [default: 127.0.0.1:8471]
+    #[arg(long, env = "FOREMAN_AGENT_ADDR")]
+    agent_addr: Option<SocketAddr>,
+    /// Local agent processes to keep running (1 CPU each). [default: one per core]
+    #[arg(long, env = "FOREMAN_LOCAL_AGENTS")]
+    local_agents: Option<u32>,
+    /// How often the supervisor pings each agent. [default: 5000]
+    #[arg(long, env = "FOREMAN_PING_INTERVAL_MS")]
+    ping_interval_ms: Option<u64>,
+    /// An agent silent this long is gone. [default: 15000]
+    #[arg(long, env = "FOREMAN_PING_TIMEOUT_MS")]
+    ping_timeout_ms: Option<u64>,
+    /// Time for a new connection to say hello. [default: 5000]
+    #[arg(long, env = "FOREMAN_HELLO_TIMEOUT_MS")]
+    hello_timeout_ms: Option<u64>,
+    /// A lost agent's jobs wait this long for it. [default: 60000]
+    #[arg(long, env = "FOREMAN_AGENT_GRACE_MS")]
+    agent_grace_ms: Option<u64>,
+}
+
+/// The file form of `ServeArgs` (same names), plus the core's settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    api_addr: Option<SocketAddr>,
+    agent_addr: Option<SocketAddr>,
+    local_agents: Option<u32>,
+    ping_interval_ms: Option<u64>,
+    ping_timeout_ms: Option<u64>,
+    hello_timeout_ms: Option<u64>,
+    agent_grace_ms: Option<u64>,
+    #[serde(default)]
+    core: Option<CoreConfig>,
+}
+
+#[derive(Args, Clone)]
+struct AgentArgs {
+    /// The supervisor's agent endpoint, host:port.
+    #[arg(long, env = "FOREMAN_SUPERVISOR")]
+    supervisor: String,
+    #[arg(long, env = "FOREMAN_AGENT_TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Stable across reconnects. [default: agent-<hostname>-<pid>]
+    #[arg(long)]
+    id: Option<String>,
+    /// Where run dirs go. [default: ./foreman-runs]
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The API, host:port. [default: from the local supervisor's data dir]
+    #[arg(long, env = "FOREMAN_SERVER")]
+    server: Option<String>,
+    /// [default: the local admin token]
+    #[arg(long, env = "FOREMAN_TOKEN")]
+    token: Option<String>,
+    #[arg(long, env = "FOREMAN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct SubmitArgs {
+    #[arg(long, default_value = "sequential")]
+    kind: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    #[arg(long)]
+    max_run_secs: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    max_attempts: u32,
+    #[arg(long)]
+    queue_timeout_secs: Option<u64>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    #[arg(long)]
+    cwd: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+/// What a running supervisor leaves in its data dir for local clients.
+#[derive(Debug, Serialize, Deserialize)]
+struct ServerFile {
+    api: String,
+    agent: String,
+    pid: u32,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("config") => {
-            let config = foreman::core::CoreConfig::default();
-            match serde_json::to_string_pretty(&config) {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("foreman: cannot print the configuration: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("foreman: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
-        Some("--version") | Some("-V") => {
-            println!("foreman {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!("usage: foreman config | --version");
-            eprintln!("(the server, agent and client commands are not built yet)");
-            ExitCode::from(2)
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("foreman: {message}");
+            ExitCode::FAILURE
         }
     }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Agent(args) => agent(args).await,
+        Command::Submit(args) => submit(args).await,
+        Command::Status { id, client } => status(id, client).await,
+        Command::Jobs {
+            state,
+            user,
+            limit,
+            client,
+        } => jobs(state, user, limit, client).await,
+        Command::Cancel { id, client } => cancel(id, client).await,
+        Command::Watch { id, client } => watch(id, client).await,
+        Command::User {
+            command:
+                UserCommand::Add {
+                    name,
+                    plan,
+                    admin,
+                    data_dir,
+                },
+        } => user_add(name, plan, admin, data_dir),
+    }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FOREMAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("foreman");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/foreman"),
+        None => PathBuf::from("foreman-data"),
+    }
+}
+
+/// Reads a token file, or writes a new token there (readable by its owner only).
+fn token_file(path: &Path) -> Result<String, String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let token = auth::new_token();
+    write_private(path, &format!("{token}\n"))?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
+    init_logs();
+    let file: ConfigFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("config {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?
+        }
+        None => ConfigFile::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let mut core = file.core.unwrap_or_default();
+    if let Some(grace) = args.agent_grace_ms.or(file.agent_grace_ms) {
+        core.agent_grace_ms = grace;
+    }
+    let admin_token_path = data_dir.join("admin.token");
+    let admin_token = token_file(&admin_token_path)?;
+    let agent_token = token_file(&data_dir.join("agent.token"))?;
+    let admin_plan = if core.plans.contains_key("premium") {
+        "premium"
+    } else {
+        core.plans.keys().next().map_or("basic", String::as_str)
+    };
+    let admin = User {
+        name: "admin".into(),
+        plan: admin_plan.into(),
+        admin: true,
+    };
+    let options = ServerOptions {
+        data_dir: data_dir.clone(),
+        core,
+        api_addr: args
+            .api_addr
+            .or(file.api_addr)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8470))),
+        agent_addr: args
+            .agent_addr
+            .or(file.agent_addr)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8471))),
+        endpoint: AgentEndpoint {
+            token_sha256: auth::sha256_hex(&agent_token).into(),
+            ping_interval_ms: args
+                .ping_interval_ms
+                .or(file.ping_interval_ms)
+                .unwrap_or(5_000),
+            ping_timeout_ms: args
+                .ping_timeout_ms
+                .or(file.ping_timeout_ms)
+                .unwrap_or(15_000),
+            hello_timeout_ms: args
+                .hello_timeout_ms
+                .or(file.hello_timeout_ms)
+                .unwrap_or(5_000),
+        },
+        bootstrap_users: vec![(admin, auth::sha256_hex(&admin_token))],
+    };
+    let running = server::start(options).await.map_err(|e| e.to_string())?;
+    let server_file = ServerFile {
+        api: running.api_addr.to_string(),
+        agent: running.agent_addr.to_string(),
+        pid: std::process::id(),
+    };
+    write_private(
+        &data_dir.join("server.json"),
+        &serde_json::to_string_pretty(&server_file).expect("serializes"),
+    )?;
+    let local_agents = args
+        .local_agents
+        .or(file.local_agents)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    println!(
+        "Foreman supervisor: API on http://{}, agents on {}",
+        running.api_addr, running.agent_addr
+    );
+    println!(
+        "Data dir: {} (admin token in {})",
+        data_dir.display(),
+        admin_token_path.display()
+    );
+    println!("Local agents: {local_agents}. Try: foreman submit -- echo hello");
+    for i in 0..local_agents {
+        tokio::spawn(local_agent(i, running.agent_addr, data_dir.clone()));
+    }
+    tokio::select! {
+        _ = running.actor => Err("the scheduler stopped (see the log above)".to_string()),
+        _ = tokio::signal::ctrl_c() => {
+            println!("foreman: interrupted; stopping");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The local driver: keeps one agent process running, restarting it with
+/// backoff when it dies. Agents outlive a crashed supervisor and reconnect
+/// to the next one, which reconciles their jobs.
+async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf) {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find this executable to start local agents");
+            return;
+        }
+    };
+    let mut delay_ms = 100u64;
+    loop {
+        let began = tokio::time::Instant::now();
+        let child = tokio::process::Command::new(&exe)
+            .arg("agent")
+            .arg("--supervisor")
+            .arg(agent_addr.to_string())
+            .arg("--token-file")
+            .arg(data_dir.join("agent.token"))
+            .arg("--id")
+            .arg(format!("local-{index}"))
+            .arg("--work-dir")
+            .arg(data_dir.join("runs"))
+            .kill_on_drop(false)
+            .spawn();
+        match child {
+            Ok(mut child) => {
+                let status = child.wait().await;
+                tracing::warn!(agent = index, ?status, "local agent exited; restarting");
+            }
+            Err(e) => tracing::error!(agent = index, error = %e, "cannot start a local agent"),
+        }
+        if began.elapsed() > Duration::from_secs(60) {
+            delay_ms = 100;
+        }
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        delay_ms = (delay_ms * 2).min(10_000);
+    }
+}
+
+async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
+    init_logs();
+    let token = match (&args.token, &args.token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("token file {}: {e}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return Err("give --token or --token-file".into()),
+    };
+    let host = std::fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let options = AgentOptions {
+        supervisor: args.supervisor,
+        token,
+        agent_id: args
+            .id
+            .unwrap_or_else(|| format!("agent-{host}-{}", std::process::id())),
+        cpus: args.cpus,
+        labels: BTreeMap::new(),
+        work_dir: args
+            .work_dir
+            .unwrap_or_else(|| PathBuf::from("foreman-runs")),
+        reconnect_min_ms: 100,
+        reconnect_max_ms: 10_000,
+        reconnect_attempts_max: None,
+    };
+    Agent::new(options, Arc::new(ProcessRunner::default()))
+        .run()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client(args: &ClientArgs) -> Result<Client, String> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let addr = match &args.server {
+        Some(addr) => addr.clone(),
+        None => {
+            let path = data_dir.join("server.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "no --server given and no local supervisor found ({}: {e})",
+                    path.display()
+                )
+            })?;
+            let file: ServerFile =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            file.api
+        }
+    };
+    let token = match &args.token {
+        Some(token) => token.clone(),
+        None => {
+            let path = data_dir.join("admin.token");
+            std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    format!(
+                        "no --token given and no local admin token ({}: {e})",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_string()
+        }
+    };
+    Ok(Client::new(addr, token))
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serializes")
+    );
+}
+
+async fn submit(args: SubmitArgs) -> Result<ExitCode, String> {
+    let client = client(&args.client)?;
+    let mut env = BTreeMap::new();
+    for pair in &args.env {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--env {pair:?}: expected KEY=VALUE"))?;
+        env.insert(key.to_string(), value.to_string());
+    }
+    let spec = SubmitSpec {
+        argv: args.argv,
+        env,
+        cwd: args.cwd,
+        kind: args.kind,
+        cpus: args.cpus,
+        max_run_secs: args.max_run_secs,
+        queue_timeout_secs: args.queue_timeout_secs,
+        max_attempts: args.max_attempts,
+        idempotency_key: args.idempotency_key,
+        ..SubmitSpec::default()
+    };
+    let view = client.submit(&spec).await.map_err(|e| e.to_string())?;
+    if args.client.json {
+        print_json(&view);
+    } else {
+        println!("{}", view.job.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(id: u64, args: ClientArgs) -> Result<ExitCode, String> {
+    let view = client(&args)?
+        .job(JobId(id))
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        print_json(&view);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let job = &view.job;
+    println!(
+        "job {}  {}  ({} {} cpu, user {})",
+        job.id,
+        job.state,
+        job.kind(),
+        job.spec.cpus,
+        job.user
+    );
+    println!("command: {}", job.spec.argv.join(" "));
+    if let Some(situation) = &view.situation {
+        println!("situation: {situation}");
+    }
+    if let Some(code) = job.exit_code {
+        println!("exit code: {code}");
+    }
+    for t in &job.history {
+        println!("  {:>13}  {:<10} {}", t.at.0, t.state.as_str(), t.reason);
+    }
+    if !job.output_tail.is_empty() {
+        println!("output (tail):\n{}", job.output_tail);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn jobs(
+    state: Option<String>,
+    user: Option<String>,
+    limit: usize,
+    args: ClientArgs,
+) -> Result<ExitCode, String> {
+    let mut query = vec![format!("limit={limit}")];
+    if let Some(state) = state {
+        query.push(format!("state={state}"));
+    }
+    if let Some(user) = user {
+        query.push(format!("user={user}"));
+    }
+    let jobs = client(&args)?
+        .jobs(&query.join("&"))
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        print_json(&jobs);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>8}  {:<10}  {:<10}  {:<12}  command",
+        "id", "state", "kind", "user"
+    );
+    for job in jobs {
+        println!(
+            "{:>8}  {:<10}  {:<10}  {:<12}  {}",
+            job.id.0,
+            job.state.as_str(),
+            job.kind().as_str(),
+            job.user,
+            job.spec.argv.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cancel(id: u64, args: ClientArgs) -> Result<ExitCode, String> {
+    let view = client(&args)?
+        .cancel(JobId(id))
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        print_json(&view);
+    } else {
+        println!("job {} {}", view.job.id, view.job.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn watch(id: u64, args: ClientArgs) -> Result<ExitCode, String> {
+    let client = client(&args)?;
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut last: Option<JobState> = None;
+    client
+        .watch(JobId(id), |event| {
+            let (state, text) = match &event {
+                WatchEvent::State(view) => {
+                    (view.job.state, view.situation.clone().unwrap_or_else(|| view.job.reason.to_string()))
+                }
+                WatchEvent::Transition(t) => (t.state, t.reason.to_string()),
+            };
+            if args.json {
+                let line = match &event {
+                    WatchEvent::State(view) => serde_json::json!({"event": "state", "job": view.job.id, "state": state, "situation": text}),
+                    WatchEvent::Transition(t) => serde_json::json!({"event": "transition", "job": t.job, "state": t.state, "at": t.at, "reason": t.reason}),
+                };
+                println!("{line}");
+            } else {
+                bar.set_message(format!("job {id}: {state} — {text}"));
+            }
+            last = Some(state);
+            !state.is_terminal()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let state = last.ok_or("the stream ended before any event")?;
+    if !args.json {
+        let view = client.job(JobId(id)).await.map_err(|e| e.to_string())?;
+        println!("job {id} {state}: {}", view.job.reason);
+        if !view.job.output_tail.is_empty() {
+            print!("{}", view.job.output_tail);
+        }
+    }
+    Ok(if state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn user_add(
+    name: String,
+    plan: String,
+    admin: bool,
+    data_dir: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let mut store = Store::open(&data_dir.join("foreman.db")).map_err(|e| e.to_string())?;
+    let token = auth::new_token();
+    let user = User {
+        name: name.as_str().into(),
+        plan: plan.as_str().into(),
+        admin,
+    };
+    store
+        .add_user(&user, &auth::sha256_hex(&token), foreman::seam::now())
+        .map_err(|e| e.to_string())?;
+    println!("{token}");
+    eprintln!(
+        "user {name} created on plan {plan}{}; the token above is shown only once",
+        if admin { " (admin)" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -40,7 +40,7 @@ impl Plan {
 
 /// Bounds on what a submission may carry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SubmitLimits {
     pub argv_items_max: usize,
     pub argv_bytes_max: usize,
@@ -71,8 +71,10 @@ impl Default for SubmitLimits {
     }
 }
 
+/// Every field may be left out of a configuration file: it then takes the
+/// value of `CoreConfig::default()`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CoreConfig {
     pub plans: BTreeMap<String, Plan>,
     /// CPUs that jobs of each kind may hold at once across all agents.

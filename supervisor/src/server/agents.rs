@@ -36,7 +36,12 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(protocol::FRAME_BYTES_MAX))
 }
 
-pub async fn serve(listener: TcpListener, endpoint: AgentEndpoint, core: CoreHandle, hub: Arc<Hub>) {
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: AgentEndpoint,
+    core: CoreHandle,
+    hub: Arc<Hub>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -72,7 +77,14 @@ async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle
         }
     };
     let (agent, cpus, labels, attempts) = match hello {
-        Ok(FromAgent::Hello { agent, token, cpus, labels, attempts, .. }) => {
+        Ok(FromAgent::Hello {
+            agent,
+            token,
+            cpus,
+            labels,
+            attempts,
+            ..
+        }) => {
             if super::auth::sha256_hex(&token) != *endpoint.token_sha256 {
                 warn!(agent.id = %agent, "agent presented an unknown token; closing");
                 let _ = sink.send(Message::Close(None)).await;

@@ -44,7 +44,11 @@ impl Executor for ServerExecutor {
                         info!(agent.id = %agent, conn = conn.0, "message for a closed connection dropped");
                     }
                 }
-                Effect::Close { agent, conn, reason } => {
+                Effect::Close {
+                    agent,
+                    conn,
+                    reason,
+                } => {
                     info!(agent.id = %agent, conn = conn.0, ?reason, "closing agent connection");
                     self.hub.send(conn, Outgoing::Close(reason));
                 }

@@ -19,7 +19,7 @@ pub enum Outgoing {
 }
 
 /// One job transition, as watchers see it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Transition {
     pub job: JobId,
     pub state: JobState,

@@ -69,11 +69,16 @@ impl CoreHandle {
     }
 }
 
-/// Starts the actor; it stops when every handle is dropped.
-pub fn spawn(core: Core, executor: impl Executor, channel_capacity: usize) -> CoreHandle {
+/// Starts the actor; it stops when every handle is dropped. The task handle
+/// ends if the actor does (a store failure stops it on purpose).
+pub fn spawn(
+    core: Core,
+    executor: impl Executor,
+    channel_capacity: usize,
+) -> (CoreHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(channel_capacity);
-    tokio::spawn(run(core, rx, executor));
-    CoreHandle { tx }
+    let task = tokio::spawn(run(core, rx, executor));
+    (CoreHandle { tx }, task)
 }
 
 async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl Executor) {
@@ -149,7 +154,7 @@ mod tests {
     #[tokio::test]
     async fn actor_fires_the_run_timeout_at_the_core_deadline_and_answers_queries() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let handle = spawn(Core::new(CoreConfig::default()), tx, 16);
+        let (handle, _task) = spawn(Core::new(CoreConfig::default()), tx, 16);
         let agent = AgentId::new("a1");
         let conn = ConnId(1);
         handle

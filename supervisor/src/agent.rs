@@ -1,0 +1,331 @@
+//! The agent: the other end of the supervisor's websocket. It says hello
+//! with what it still runs and what it finished without an acknowledgement,
+//! runs what it is told through a `Runner`, kills what it is told to kill,
+//! and keeps every result in an outbox until the supervisor acknowledges it,
+//! so no completion is lost across a reconnect. Reconnects back off
+//! exponentially with jitter, within bounds.
+
+pub mod runner;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{info, warn, Instrument};
+
+use crate::core::{AttemptReport, FinishedReport, JobId};
+use crate::protocol::{self, FromAgent, ToAgentMsg};
+
+pub use runner::{ProcessRunner, RunControl, RunOrder, Runner};
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The supervisor's agent endpoint, `host:port`.
+    pub supervisor: String,
+    pub token: String,
+    pub agent_id: String,
+    pub cpus: u32,
+    pub labels: BTreeMap<String, String>,
+    /// Where run dirs are made: `<work_dir>/<job>-<attempt>`.
+    pub work_dir: PathBuf,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Give up after this many failed connects in a row (`None`: never).
+    pub reconnect_attempts_max: Option<u32>,
+}
+
+type Key = (JobId, u32);
+
+/// What a run task tells the agent.
+enum RunEvent {
+    Started(Key),
+    Finished(Key, FinishedReport),
+}
+
+struct Running {
+    kill: Option<oneshot::Sender<()>>,
+    started: bool,
+}
+
+pub struct Agent {
+    options: AgentOptions,
+    runner: Arc<dyn Runner>,
+    running: BTreeMap<Key, Running>,
+    /// Results not yet acknowledged, re-sent in every hello.
+    outbox: BTreeMap<Key, FinishedReport>,
+    events_tx: mpsc::UnboundedSender<RunEvent>,
+    events: mpsc::UnboundedReceiver<RunEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("gave up after {0} failed connects in a row")]
+    GaveUp(u32),
+}
+
+enum Ended {
+    /// The connection was lost or refused; try again.
+    Lost(String),
+}
+
+impl Agent {
+    pub fn new(options: AgentOptions, runner: Arc<dyn Runner>) -> Agent {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Agent {
+            options,
+            runner,
+            running: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            events_tx,
+            events,
+        }
+    }
+
+    /// Results waiting for an acknowledgement (for tests and status).
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Connects, serves, reconnects; returns only when it gives up.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let span = tracing::info_span!("agent", agent.id = %self.options.agent_id);
+        async move {
+            let mut failures: u32 = 0;
+            loop {
+                match self.session().await {
+                    Ok(Ended::Lost(why)) => {
+                        info!(%why, "connection lost; reconnecting");
+                        failures = 1;
+                    }
+                    Err(why) => {
+                        failures += 1;
+                        info!(%why, failures, "could not connect");
+                        if let Some(max) = self.options.reconnect_attempts_max {
+                            if failures >= max {
+                                return Err(AgentError::GaveUp(failures));
+                            }
+                        }
+                    }
+                }
+                let wait = backoff_ms(&self.options, failures);
+                // Results keep arriving while we wait: they go to the outbox.
+                let sleep = tokio::time::sleep(Duration::from_millis(wait));
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        Some(event) = self.events.recv() => {
+                            self.absorb(event);
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn absorb(&mut self, event: RunEvent) -> Option<FromAgent> {
+        match event {
+            RunEvent::Started(key) => {
+                let running = self.running.get_mut(&key)?;
+                running.started = true;
+                Some(FromAgent::Started {
+                    job: key.0,
+                    attempt: key.1,
+                })
+            }
+            RunEvent::Finished(key, report) => {
+                self.running.remove(&key);
+                self.outbox.insert(key, report.clone());
+                Some(FromAgent::Finished {
+                    job: key.0,
+                    attempt: key.1,
+                    outcome: report.outcome,
+                    output_tail: report.output_tail,
+                    run_ms: report.run_ms,
+                })
+            }
+        }
+    }
+
+    fn hello(&self) -> FromAgent {
+        let running = self.running.keys().map(|(job, attempt)| AttemptReport {
+            job: *job,
+            attempt: *attempt,
+            finished: None,
+        });
+        let finished = self
+            .outbox
+            .iter()
+            .map(|((job, attempt), report)| AttemptReport {
+                job: *job,
+                attempt: *attempt,
+                finished: Some(report.clone()),
+            });
+        FromAgent::Hello {
+            v: protocol::VERSION,
+            agent: self.options.agent_id.clone(),
+            token: self.options.token.clone(),
+            cpus: self.options.cpus,
+            labels: self.options.labels.clone(),
+            attempts: running.chain(finished).collect(),
+        }
+    }
+
+    /// One connection, from connect to loss. `Err` if it never got welcomed.
+    async fn session(&mut self) -> Result<Ended, String> {
+        let stream = TcpStream::connect(&self.options.supervisor)
+            .await
+            .map_err(|e| e.to_string())?;
+        let url = format!("ws://{}/agent", self.options.supervisor);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url,
+            stream,
+            Some(crate::server::agents::ws_config()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let (mut sink, mut frames) = ws.split();
+        sink.send(Message::text(protocol::encode(&self.hello())))
+            .await
+            .map_err(|e| e.to_string())?;
+        match frames.next().await {
+            Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
+                Ok(ToAgentMsg::Welcome { .. }) => {}
+                Ok(other) => return Err(format!("expected a welcome, got {other:?}")),
+                Err(e) => return Err(e.to_string()),
+            },
+            other => return Err(format!("no welcome: {other:?}")),
+        }
+        info!("connected");
+        loop {
+            tokio::select! {
+                frame = frames.next() => match frame {
+                    Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
+                        Ok(msg) => {
+                            if let Some(reply) = self.obey(msg) {
+                                if sink.send(Message::text(protocol::encode(&reply))).await.is_err() {
+                                    return Ok(Ended::Lost("send failed".into()));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "frame out of protocol; reconnecting");
+                            return Ok(Ended::Lost(e.to_string()));
+                        }
+                    },
+                    Some(Ok(Message::Close(_))) | None => return Ok(Ended::Lost("closed".into())),
+                    Some(Ok(_)) => {} // pings are answered by the websocket layer
+                    Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
+                },
+                Some(event) = self.events.recv() => {
+                    if let Some(msg) = self.absorb(event) {
+                        if sink.send(Message::text(protocol::encode(&msg))).await.is_err() {
+                            return Ok(Ended::Lost("send failed".into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out one supervisor message; returns what to answer at once.
+    fn obey(&mut self, msg: ToAgentMsg) -> Option<FromAgent> {
+        match msg {
+            ToAgentMsg::Welcome { .. } => None,
+            ToAgentMsg::Run { job, attempt, spec } => {
+                let key = (job, attempt);
+                if self.running.contains_key(&key) || self.outbox.contains_key(&key) {
+                    return None; // told twice: it is already ours
+                }
+                let (started_tx, started_rx) = oneshot::channel();
+                let (kill_tx, kill_rx) = oneshot::channel();
+                let order = RunOrder {
+                    job,
+                    attempt,
+                    spec,
+                    run_dir: self.options.work_dir.join(format!("{job}-{attempt}")),
+                };
+                let run = self.runner.run(
+                    order,
+                    RunControl {
+                        started: started_tx,
+                        kill: kill_rx,
+                    },
+                );
+                let events = self.events_tx.clone();
+                let span = tracing::info_span!("run", job.id = job.0, attempt);
+                tokio::spawn(
+                    async move {
+                        let watch_start = {
+                            let events = events.clone();
+                            async move {
+                                if started_rx.await.is_ok() {
+                                    let _ = events.send(RunEvent::Started(key));
+                                }
+                            }
+                        };
+                        let (report, ()) = tokio::join!(run, watch_start);
+                        let _ = events.send(RunEvent::Finished(key, report));
+                    }
+                    .instrument(span),
+                );
+                self.running.insert(
+                    key,
+                    Running {
+                        kill: Some(kill_tx),
+                        started: false,
+                    },
+                );
+                None
+            }
+            ToAgentMsg::Kill {
+                job,
+                attempt,
+                reason,
+            } => {
+                match self.running.get_mut(&(job, attempt)) {
+                    Some(running) => {
+                        info!(
+                            job.id = job.0,
+                            attempt,
+                            ?reason,
+                            started = running.started,
+                            "killing"
+                        );
+                        if let Some(kill) = running.kill.take() {
+                            let _ = kill.send(());
+                        }
+                    }
+                    None => info!(
+                        job.id = job.0,
+                        attempt, "kill for an attempt not running here"
+                    ),
+                }
+                None
+            }
+            ToAgentMsg::Ack { job, attempt } => {
+                self.outbox.remove(&(job, attempt));
+                None
+            }
+        }
+    }
+}
+
+/// The wait before the next connect after `failures` failures in a row:
+/// exponential from `reconnect_min_ms`, capped at `reconnect_max_ms`, with
+/// up to half of it drawn at random so that agents do not reconnect in step.
+pub fn backoff_ms(options: &AgentOptions, failures: u32) -> u64 {
+    let exp = options
+        .reconnect_min_ms
+        .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
+        .min(options.reconnect_max_ms);
+    let jitter = getrandom::u64().unwrap_or(0) % (exp / 2 + 1);
+    exp / 2 + jitter
+}

@@ -1,0 +1,113 @@
+//! The supervisor service: the composition root that opens the store,
+//! restores the core from it, starts the actor that owns the core, and
+//! serves the HTTP API and the agent endpoint on the seam's listeners.
+
+pub mod agents;
+pub mod api;
+pub mod auth;
+pub mod executor;
+pub mod hub;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::core::{Core, CoreConfig, Millis, RestoreError};
+use crate::seam;
+use crate::shell::actor::{self, CoreHandle};
+use crate::store::{Store, StoreError, User};
+
+pub use agents::AgentEndpoint;
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Where the database lives (`foreman.db`).
+    pub data_dir: PathBuf,
+    pub core: CoreConfig,
+    pub api_addr: SocketAddr,
+    pub agent_addr: SocketAddr,
+    pub endpoint: AgentEndpoint,
+    /// Accounts to create if they do not exist yet: (user, token SHA-256).
+    pub bootstrap_users: Vec<(User, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("restore: {0}")]
+    Restore(#[from] RestoreError),
+    #[error("listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub agent_addr: SocketAddr,
+    pub core: CoreHandle,
+    /// Ends if the actor stops (for instance on a store failure).
+    pub actor: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
+    std::fs::create_dir_all(&options.data_dir)
+        .map_err(|e| StartError::DataDir(options.data_dir.clone(), e))?;
+    let db = options.data_dir.join("foreman.db");
+    let mut writer = Store::open(&db)?;
+    let reader = Store::open(&db)?;
+    let now = seam::now();
+    for (user, token_sha256) in &options.bootstrap_users {
+        match writer.add_user(user, token_sha256, now) {
+            Ok(()) | Err(StoreError::UserExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let window_ms = options.core.idempotency_window_secs.saturating_mul(1000);
+    let (records, next_job_id) =
+        writer.load_for_restore(Millis(now.0.saturating_sub(window_ms)))?;
+    let restored = records.len();
+    let core = Core::restore(options.core.clone(), now, records, next_job_id)?;
+    info!(restored, next_job_id, "core restored from the store");
+    let hub = Arc::new(hub::Hub::default());
+    let executor = executor::ServerExecutor {
+        store: writer,
+        hub: hub.clone(),
+    };
+    let (core_handle, actor) = actor::spawn(core, executor, 4096);
+    let api_listener = TcpListener::bind(options.api_addr)
+        .await
+        .map_err(|e| StartError::Listen(options.api_addr, e))?;
+    let agent_listener = TcpListener::bind(options.agent_addr)
+        .await
+        .map_err(|e| StartError::Listen(options.agent_addr, e))?;
+    let api_addr = api_listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(options.api_addr, e))?;
+    let agent_addr = agent_listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(options.agent_addr, e))?;
+    let state = api::ApiState {
+        core: core_handle.clone(),
+        hub: hub.clone(),
+        store: Arc::new(Mutex::new(reader)),
+    };
+    tokio::spawn(api::serve(api_listener, api::router(state)));
+    tokio::spawn(agents::serve(
+        agent_listener,
+        options.endpoint.clone(),
+        core_handle.clone(),
+        hub,
+    ));
+    info!(%api_addr, %agent_addr, "supervisor listening");
+    Ok(Running {
+        api_addr,
+        agent_addr,
+        core: core_handle,
+        actor,
+    })
+}
