@@ -254,9 +254,11 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FOREMAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
 }
 
@@ -445,6 +447,16 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
             .to_string(),
         (None, None) => return Err("give --token or --token-file".into()),
     };
+    let work_dir = args
+        .work_dir
+        .unwrap_or_else(|| PathBuf::from("foreman-runs"));
+    let reaped = foreman::agent::runner::reap_orphans(&work_dir);
+    if reaped > 0 {
+        tracing::warn!(
+            reaped,
+            "killed processes left running by a previous agent in this work dir"
+        );
+    }
     let host = std::fs::read_to_string("/etc/hostname")
         .unwrap_or_default()
         .trim()
@@ -457,9 +469,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
             .unwrap_or_else(|| format!("agent-{host}-{}", std::process::id())),
         cpus: args.cpus,
         labels: BTreeMap::new(),
-        work_dir: args
-            .work_dir
-            .unwrap_or_else(|| PathBuf::from("foreman-runs")),
+        work_dir,
         reconnect_min_ms: 100,
         reconnect_max_ms: 10_000,
         reconnect_attempts_max: None,

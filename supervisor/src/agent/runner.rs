@@ -104,6 +104,11 @@ impl ProcessRunner {
             Err(e) => return spawn_failed(format!("{}: {e}", spec.argv[0])),
         };
         let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
+        // Left behind if this agent dies, so that its successor can reap the group.
+        let marker = order.run_dir.join(GROUP_FILE);
+        if let Some(pid) = child.id() {
+            let _ = std::fs::write(&marker, format!("{pid} {}\n", start_time(pid).unwrap_or(0)));
+        }
         let _ = control.started.send(());
         let mut kill = control.kill;
         let (status, killed) = tokio::select! {
@@ -122,6 +127,7 @@ impl ProcessRunner {
         };
         // Whatever the leader left behind in its group ends with it.
         signal_group(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = std::fs::remove_file(&marker);
         let outcome = match status {
             _ if killed => Outcome::Killed,
             Ok(status) => match (
@@ -142,6 +148,47 @@ impl ProcessRunner {
             run_ms: began.elapsed().as_millis() as u64,
         }
     }
+}
+
+/// The file in a run dir that names a live process group: "<pgid> <start time>".
+pub const GROUP_FILE: &str = "process-group";
+
+/// A process's start time (clock ticks since boot), from /proc: with the pid
+/// it names one process, even after the pid is reused.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces and parentheses).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process groups a previous agent left running in `work_dir`
+/// (it died without killing them: they would otherwise run on, unowned,
+/// beside their own re-run). Returns how many it killed.
+pub fn reap_orphans(work_dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for entry in entries.flatten() {
+        let marker = entry.path().join(GROUP_FILE);
+        let Ok(text) = std::fs::read_to_string(&marker) else {
+            continue;
+        };
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        if let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) {
+            if pid > 1 && start_time(pid as u32) == Some(started) {
+                tracing::warn!(pid, run_dir = %entry.path().display(), "killing a process group left by a previous agent");
+                signal_group(
+                    Some(nix::unistd::Pid::from_raw(pid as i32)),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                reaped += 1;
+            }
+        }
+        let _ = std::fs::remove_file(&marker);
+    }
+    reaped
 }
 
 fn signal_group(group: Option<nix::unistd::Pid>, signal: nix::sys::signal::Signal) {

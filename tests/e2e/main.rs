@@ -1,0 +1,248 @@
+//! End-to-end: the real `foreman` binary as supervisor, local agents and
+//! CLI, running real commands on loopback.
+#![cfg(not(madsim))]
+
+mod harness;
+
+use std::time::Duration;
+
+use foreman::core::{JobState, SubmitSpec};
+use harness::*;
+
+const BOUND: Duration = Duration::from_secs(30);
+
+fn sh(script: &str) -> SubmitSpec {
+    SubmitSpec::command(["sh", "-c", script])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_real_commands_report_output_and_exit_codes() {
+    let sup = Supervisor::start(2).await;
+    let ok = sup
+        .admin
+        .submit(&sh("echo to-stdout; echo to-stderr >&2"))
+        .await
+        .unwrap();
+    let failing = sup.admin.submit(&sh("echo partial; exit 7")).await.unwrap();
+    let missing = sup
+        .admin
+        .submit(&SubmitSpec::command(["/no/such/program"]))
+        .await
+        .unwrap();
+    let ok = sup
+        .wait_state(&sup.admin, ok.job.id, JobState::Succeeded, BOUND)
+        .await;
+    assert_eq!(ok.job.exit_code, Some(0));
+    assert!(ok.job.output_tail.contains("to-stdout") && ok.job.output_tail.contains("to-stderr"));
+    let failing = sup
+        .wait_state(&sup.admin, failing.job.id, JobState::Failed, BOUND)
+        .await;
+    assert_eq!(failing.job.exit_code, Some(7));
+    assert_eq!(failing.job.output_tail, "partial\n");
+    let missing = sup
+        .wait_state(&sup.admin, missing.job.id, JobState::Failed, BOUND)
+        .await;
+    assert!(
+        missing.job.reason.contains("could not start"),
+        "{}",
+        missing.job.reason
+    );
+    // The CLI sees the same, as text and as JSON.
+    let (success, out, _) = sup.cli(&["status", &failing.job.id.to_string()]);
+    assert!(
+        success && out.contains("failed") && out.contains("exit code: 7"),
+        "{out}"
+    );
+    let (success, out, _) = sup.cli(&["jobs", "--json"]);
+    assert!(success);
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("jobs --json is JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(3));
+    let (success, out, err) = sup.cli(&["submit", "--json", "--", "echo", "via-cli"]);
+    assert!(success, "{err}");
+    let submitted: serde_json::Value = serde_json::from_str(&out).expect("submit --json is JSON");
+    let id = submitted["id"].as_u64().expect("id");
+    let (success, out, _) = sup.cli(&["watch", &id.to_string()]);
+    assert!(success, "watch exits 0 for a job that succeeds: {out}");
+    assert!(
+        out.contains("succeeded") && out.contains("via-cli"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_cancel_kills_the_whole_process_tree() {
+    let sup = Supervisor::start(1).await;
+    let marker = unique_sleep(1);
+    let script = format!("sh -c 'sleep {marker}' & sleep {marker}; wait");
+    let job = sup.admin.submit(&sh(&script)).await.unwrap().job.id;
+    sup.wait_state(&sup.admin, job, JobState::Running, BOUND)
+        .await;
+    let procs = wait_for("child and grandchild to start", BOUND, || async {
+        let pids = pids_matching(&format!("sleep {marker}"));
+        (pids.len() >= 2).then_some(pids)
+    })
+    .await;
+    assert!(procs.len() >= 2);
+    let (success, out, _) = sup.cli(&["cancel", &job.to_string()]);
+    assert!(success && out.contains("cancel"), "{out}");
+    sup.wait_state(&sup.admin, job, JobState::Canceled, BOUND)
+        .await;
+    wait_for("every process of the job to be gone", BOUND, || async {
+        pids_matching(&format!("sleep {marker}"))
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    // Cancel again: idempotent, and says how it ended.
+    let again = sup.admin.cancel(job).await.unwrap();
+    assert_eq!(again.job.state, JobState::Canceled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_run_timeout_ends_its_job_only_and_kills_it() {
+    let sup = Supervisor::start(2).await;
+    let bob = sup.add_user("bob", "basic");
+    let marker = unique_sleep(2);
+    let slow = SubmitSpec {
+        max_run_secs: Some(1),
+        ..sh(&format!("sleep {marker}"))
+    };
+    let slow = sup.admin.submit(&slow).await.unwrap().job.id;
+    let bobs = bob
+        .submit(&sh("sleep 2; echo bob-done"))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let timed_out = sup
+        .wait_state(&sup.admin, slow, JobState::TimedOut, BOUND)
+        .await;
+    assert!(
+        timed_out.job.reason.contains("max_run_secs=1"),
+        "{}",
+        timed_out.job.reason
+    );
+    wait_for("the timed-out process to be killed", BOUND, || async {
+        pids_matching(&format!("sleep {marker}"))
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let bobs = sup.wait_state(&bob, bobs, JobState::Succeeded, BOUND).await;
+    assert_eq!(bobs.job.output_tail, "bob-done\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_agent_killed_mid_job_is_replaced_and_the_job_retried_or_lost() {
+    let sup = Supervisor::start(1).await;
+    sup.wait_agents(1).await;
+    let marker = unique_sleep(3);
+    let retry = SubmitSpec {
+        max_attempts: 2,
+        ..sh(&format!("sleep {marker}; echo second-try"))
+    };
+    let job = sup.admin.submit(&retry).await.unwrap().job.id;
+    sup.wait_state(&sup.admin, job, JobState::Running, BOUND)
+        .await;
+    let agents = sup.agent_pids("local-0");
+    assert_eq!(agents.len(), 1, "one local agent");
+    std::process::Command::new("kill")
+        .args(["-9", &agents[0].to_string()])
+        .status()
+        .unwrap();
+    // The local driver starts a replacement; it reaps the orphaned process
+    // and the supervisor reruns the job as attempt 2.
+    let rerun = wait_for("attempt 2 to run", BOUND, || async {
+        sup.admin
+            .job(job)
+            .await
+            .ok()
+            .filter(|v| v.job.attempts.len() == 2 && v.job.state == JobState::Running)
+    })
+    .await;
+    assert!(rerun
+        .job
+        .history
+        .iter()
+        .any(|t| t.reason.contains("came back without attempt 1")));
+    let replacement = sup.agent_pids("local-0");
+    assert!(
+        replacement.len() == 1 && replacement != agents,
+        "a new local agent runs"
+    );
+    assert_eq!(
+        sleeps(&marker).len(),
+        1,
+        "the orphan of attempt 1 was reaped; only attempt 2 runs"
+    );
+    sup.admin.cancel(job).await.unwrap();
+    sup.wait_state(&sup.admin, job, JobState::Canceled, BOUND).await;
+    // Without retries, the same loss ends the job lost.
+    let once = sup
+        .admin
+        .submit(&sh(&format!("sleep {}", unique_sleep(4))))
+        .await
+        .unwrap()
+        .job
+        .id;
+    sup.wait_state(&sup.admin, once, JobState::Running, BOUND)
+        .await;
+    for pid in sup.agent_pids("local-0") {
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    let lost = sup
+        .wait_state(&sup.admin, once, JobState::Lost, BOUND)
+        .await;
+    assert!(lost.job.reason.contains("local-0"), "{}", lost.job.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_supervisor_kill_9_under_load_forgets_no_acknowledged_job() {
+    let mut sup = Supervisor::start(2).await;
+    sup.wait_agents(2).await;
+    let long = sup
+        .admin
+        .submit(&sh("sleep 3; echo across-the-crash"))
+        .await
+        .unwrap()
+        .job
+        .id;
+    // Submissions in flight while the supervisor dies: every one that was
+    // acknowledged must be there afterwards.
+    let client = sup.admin.clone();
+    let submitter = tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        for i in 0..400 {
+            match client.submit(&sh(&format!("echo {i}"))).await {
+                Ok(view) => acknowledged.push(view.job.id),
+                Err(_) => break,
+            }
+        }
+        acknowledged
+    });
+    wait_for("some submissions to be acknowledged", BOUND, || async {
+        let jobs = sup.admin.jobs("limit=50").await.ok()?;
+        (jobs.len() >= 20).then_some(())
+    })
+    .await;
+    sup.kill_9();
+    let acknowledged = submitter.await.unwrap();
+    assert!(!acknowledged.is_empty());
+    // Restart without new local agents: the old ones reconnect and reconcile.
+    sup.restart(0).await;
+    for id in acknowledged.iter().chain([&long]) {
+        let view = sup
+            .wait_state(&sup.admin, *id, JobState::Succeeded, BOUND)
+            .await;
+        assert_eq!(view.job.id, *id);
+    }
+    let view = sup.admin.job(long).await.unwrap();
+    assert_eq!(
+        view.job.output_tail, "across-the-crash\n",
+        "the job ran on across the crash"
+    );
+    assert_eq!(view.job.attempts.len(), 1, "and was not run twice");
+}
