@@ -3,6 +3,7 @@
 #![cfg(not(madsim))]
 
 mod harness;
+mod hostile;
 
 use std::time::Duration;
 
@@ -176,7 +177,8 @@ async fn e2e_agent_killed_mid_job_is_replaced_and_the_job_retried_or_lost() {
         "the orphan of attempt 1 was reaped; only attempt 2 runs"
     );
     sup.admin.cancel(job).await.unwrap();
-    sup.wait_state(&sup.admin, job, JobState::Canceled, BOUND).await;
+    sup.wait_state(&sup.admin, job, JobState::Canceled, BOUND)
+        .await;
     // Without retries, the same loss ends the job lost.
     let once = sup
         .admin
