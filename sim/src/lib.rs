@@ -2,5 +2,9 @@
 //! under the madsim simulator (`RUSTFLAGS="--cfg madsim"`, target dir
 //! `target/sim`), where time, network and task order follow a seed.
 //!
-//! So far it holds the simulation-mode tests in `tests/`: the core driven by
-//! its actor on the simulated clock, replayed exactly from a seed.
+//! - `runner`: the simulated `Runner` (jobs that take simulated time).
+//! - `world`: the composer of a world of supervisor, agent and client nodes.
+
+pub mod runner;
+#[cfg(madsim)]
+pub mod world;

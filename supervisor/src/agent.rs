@@ -326,6 +326,6 @@ pub fn backoff_ms(options: &AgentOptions, failures: u32) -> u64 {
         .reconnect_min_ms
         .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
         .min(options.reconnect_max_ms);
-    let jitter = getrandom::u64().unwrap_or(0) % (exp / 2 + 1);
+    let jitter = crate::seam::random_u64() % (exp / 2 + 1);
     exp / 2 + jitter
 }

@@ -2,7 +2,8 @@
 //! it uses `tokio` as the workspace renames it (madsim-tokio), so under
 //! `--cfg madsim` time, timers, tasks and the network are the simulator's.
 //! madsim also intercepts `clock_gettime`, so `SystemTime` here is simulated
-//! time inside a simulation and real time outside it.
+//! time inside a simulation and real time outside it. Randomness that
+//! shapes behaviour (jitter) comes from here too, for the same reason.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -22,5 +23,19 @@ pub async fn sleep_until(deadline: Millis) {
     let wait_ms = deadline.0.saturating_sub(now().0);
     if wait_ms > 0 {
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+}
+
+/// A random number for things like backoff jitter: the simulator's seeded
+/// generator in a simulation (so a seed replays exactly), the operating
+/// system's otherwise. Not for secrets (tokens use the OS directly).
+pub fn random_u64() -> u64 {
+    #[cfg(madsim)]
+    {
+        madsim::rand::random::<u64>()
+    }
+    #[cfg(not(madsim))]
+    {
+        getrandom::u64().unwrap_or(0)
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{info, warn, Instrument};
 
 use crate::core::{AgentId, GoneReason, Input};
@@ -154,7 +154,10 @@ async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle
                             Some(Ok(Message::Close(_))) | None => break GoneReason::Closed,
                             Some(Err(e)) => {
                                 info!(error = %e, "websocket error");
-                                break GoneReason::ProtocolError;
+                                break match e {
+                                    WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => GoneReason::Closed,
+                                    _ => GoneReason::ProtocolError,
+                                };
                             }
                         }
                     }
