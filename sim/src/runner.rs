@@ -22,16 +22,19 @@ pub enum ProcessEnd {
     Killed,
 }
 
-/// Every simulated process of a world, by (job, attempt, agent).
+/// One simulated process: (job, attempt, agent).
+pub type ProcessKey = (JobId, u32, String);
+
+/// Every simulated process of a world.
 #[derive(Clone, Default)]
-pub struct Processes(Arc<Mutex<BTreeMap<(JobId, u32, String), ProcessEnd>>>);
+pub struct Processes(Arc<Mutex<BTreeMap<ProcessKey, ProcessEnd>>>);
 
 impl Processes {
-    pub fn snapshot(&self) -> BTreeMap<(JobId, u32, String), ProcessEnd> {
+    pub fn snapshot(&self) -> BTreeMap<ProcessKey, ProcessEnd> {
         self.0.lock().expect("processes lock").clone()
     }
 
-    fn set(&self, key: (JobId, u32, String), end: ProcessEnd) {
+    fn set(&self, key: ProcessKey, end: ProcessEnd) {
         self.0.lock().expect("processes lock").insert(key, end);
     }
 }

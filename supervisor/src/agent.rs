@@ -183,6 +183,7 @@ impl Agent {
         let stream = TcpStream::connect(&self.options.supervisor)
             .await
             .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
         let url = format!("ws://{}/agent", self.options.supervisor);
         let (ws, _) = tokio_tungstenite::client_async_with_config(
             url,

@@ -65,6 +65,7 @@ impl Client {
                     addr: self.addr.clone(),
                     error,
                 })?;
+        let _ = stream.set_nodelay(true);
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {

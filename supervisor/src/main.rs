@@ -450,7 +450,8 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
     let work_dir = args
         .work_dir
         .unwrap_or_else(|| PathBuf::from("foreman-runs"));
-    let reaped = foreman::agent::runner::reap_orphans(&work_dir);
+    let (groups, reaped) = foreman::agent::runner::GroupLog::open(&work_dir)
+        .map_err(|e| format!("work dir {}: {e}", work_dir.display()))?;
     if reaped > 0 {
         tracing::warn!(
             reaped,
@@ -474,7 +475,11 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         reconnect_max_ms: 10_000,
         reconnect_attempts_max: None,
     };
-    Agent::new(options, Arc::new(ProcessRunner::default()))
+    let runner = ProcessRunner {
+        groups: Some(Arc::new(groups)),
+        ..ProcessRunner::default()
+    };
+    Agent::new(options, Arc::new(runner))
         .run()
         .await
         .map_err(|e| e.to_string())?;

@@ -2,6 +2,7 @@
 //!
 //!   cargo xtask test    formatting, clippy and every test, normal then simulation mode
 //!   cargo xtask bench   the core benchmark (criterion), release build
+//!   cargo xtask load    load runs against a real supervisor (release build)
 
 use std::env;
 use std::io::{BufRead, BufReader};
@@ -15,8 +16,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
+        Some("load") => load(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask test | bench [criterion args]");
+            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|processes|memory]...");
             return ExitCode::from(2);
         }
     };
@@ -164,4 +166,32 @@ fn bench(extra: &[String]) -> Result<(), String> {
         args.extend(extra.iter().map(String::as_str));
     }
     cargo(Mode::Normal, &args, &[])
+}
+
+fn load(modes: &[String]) -> Result<(), String> {
+    cargo(
+        Mode::Normal,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "foreman",
+            "--bins",
+            "--examples",
+        ],
+        &[],
+    )?;
+    let all = ["noop", "rate", "processes", "memory"].map(String::from);
+    let modes = if modes.is_empty() { &all[..] } else { modes };
+    for mode in modes {
+        eprintln!("\n==> load {mode}");
+        let status = Command::new("target/release/examples/load")
+            .args([mode.as_str(), "target/release/foreman"])
+            .status()
+            .map_err(|e| format!("load {mode}: {e}"))?;
+        if !status.success() {
+            return Err(format!("load {mode}"));
+        }
+    }
+    Ok(())
 }

@@ -44,6 +44,9 @@ pub struct ProcessRunner {
     /// After SIGTERM, how long the group has before SIGKILL.
     pub kill_grace_ms: u64,
     pub output_tail_bytes: usize,
+    /// Where live process groups are recorded, so that the next agent on
+    /// this work dir can reap what this one leaves behind if it dies.
+    pub groups: Option<Arc<GroupLog>>,
 }
 
 impl Default for ProcessRunner {
@@ -51,6 +54,7 @@ impl Default for ProcessRunner {
         ProcessRunner {
             kill_grace_ms: 5_000,
             output_tail_bytes: 4096,
+            groups: None,
         }
     }
 }
@@ -104,10 +108,9 @@ impl ProcessRunner {
             Err(e) => return spawn_failed(format!("{}: {e}", spec.argv[0])),
         };
         let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
-        // Left behind if this agent dies, so that its successor can reap the group.
-        let marker = order.run_dir.join(GROUP_FILE);
-        if let Some(pid) = child.id() {
-            let _ = std::fs::write(&marker, format!("{pid} {}\n", start_time(pid).unwrap_or(0)));
+        let name = format!("{}-{}", order.job, order.attempt);
+        if let (Some(groups), Some(pid)) = (&self.groups, child.id()) {
+            groups.started(&name, pid);
         }
         let _ = control.started.send(());
         let mut kill = control.kill;
@@ -127,7 +130,9 @@ impl ProcessRunner {
         };
         // Whatever the leader left behind in its group ends with it.
         signal_group(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = std::fs::remove_file(&marker);
+        if let Some(groups) = &self.groups {
+            groups.ended(&name);
+        }
         let outcome = match status {
             _ if killed => Outcome::Killed,
             Ok(status) => match (
@@ -150,8 +155,92 @@ impl ProcessRunner {
     }
 }
 
-/// The file in a run dir that names a live process group: "<pgid> <start time>".
-pub const GROUP_FILE: &str = "process-group";
+/// An append-only log, one per work dir, of the process groups this agent
+/// runs: "start <run> <pgid> <start time>" and "end <run>" lines. One file
+/// for every run: creating and deleting a marker per run costs more, in
+/// inode churn, than spawning the process itself. Compacted to the live
+/// entries when it grows past `GROUP_LOG_BYTES_MAX`.
+#[derive(Debug)]
+pub struct GroupLog {
+    path: PathBuf,
+    state: std::sync::Mutex<GroupLogState>,
+}
+
+#[derive(Debug)]
+struct GroupLogState {
+    file: std::fs::File,
+    live: std::collections::BTreeMap<String, (u32, u64)>,
+    bytes: u64,
+}
+
+pub const GROUP_LOG: &str = "process-groups.log";
+const GROUP_LOG_BYTES_MAX: u64 = 1024 * 1024;
+
+impl GroupLog {
+    /// Reaps what a previous agent left in `work_dir` (see `reap_orphans`)
+    /// and starts an empty log. Returns the log and how many groups it killed.
+    pub fn open(work_dir: &std::path::Path) -> std::io::Result<(GroupLog, usize)> {
+        std::fs::create_dir_all(work_dir)?;
+        let path = work_dir.join(GROUP_LOG);
+        let reaped = reap_orphans(&path);
+        let file = std::fs::File::create(&path)?;
+        let state = GroupLogState {
+            file,
+            live: Default::default(),
+            bytes: 0,
+        };
+        Ok((
+            GroupLog {
+                path,
+                state: std::sync::Mutex::new(state),
+            },
+            reaped,
+        ))
+    }
+
+    fn started(&self, run: &str, pid: u32) {
+        let started = start_time(pid).unwrap_or(0);
+        let mut state = self.state.lock().expect("group log lock");
+        state.live.insert(run.to_string(), (pid, started));
+        state.append(&format!("start {run} {pid} {started}\n"));
+    }
+
+    fn ended(&self, run: &str) {
+        let mut state = self.state.lock().expect("group log lock");
+        state.live.remove(run);
+        state.append(&format!("end {run}\n"));
+        if state.bytes > GROUP_LOG_BYTES_MAX {
+            state.compact(&self.path);
+        }
+    }
+}
+
+impl GroupLogState {
+    fn append(&mut self, line: &str) {
+        use std::io::Write;
+        if self.file.write_all(line.as_bytes()).is_ok() {
+            self.bytes += line.len() as u64;
+        }
+    }
+
+    /// Rewrites the log with only the live entries (write aside, rename over).
+    fn compact(&mut self, path: &std::path::Path) {
+        use std::io::Write;
+        let aside = path.with_extension("log.new");
+        let text: String = self
+            .live
+            .iter()
+            .map(|(run, (pid, t))| format!("start {run} {pid} {t}\n"))
+            .collect();
+        let written = std::fs::File::create(&aside)
+            .and_then(|mut f| f.write_all(text.as_bytes()).map(|()| f))
+            .and_then(|f| std::fs::rename(&aside, path).map(|()| f));
+        if let Ok(file) = written {
+            self.file = file;
+            self.bytes = text.len() as u64;
+        }
+    }
+}
 
 /// A process's start time (clock ticks since boot), from /proc: with the pid
 /// it names one process, even after the pid is reused.
@@ -162,31 +251,39 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Kills the process groups a previous agent left running in `work_dir`
-/// (it died without killing them: they would otherwise run on, unowned,
-/// beside their own re-run). Returns how many it killed.
-pub fn reap_orphans(work_dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(work_dir) else {
+/// Kills the process groups a group log records as started and not ended: a
+/// previous agent died without killing them, and they would run on, unowned,
+/// beside their own re-run. A group is killed only if its leader is still the
+/// process that was started (same pid and start time). Returns how many.
+pub fn reap_orphans(log: &std::path::Path) -> usize {
+    let Ok(text) = std::fs::read_to_string(log) else {
         return 0;
     };
-    let mut reaped = 0;
-    for entry in entries.flatten() {
-        let marker = entry.path().join(GROUP_FILE);
-        let Ok(text) = std::fs::read_to_string(&marker) else {
-            continue;
-        };
-        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
-        if let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) {
-            if pid > 1 && start_time(pid as u32) == Some(started) {
-                tracing::warn!(pid, run_dir = %entry.path().display(), "killing a process group left by a previous agent");
-                signal_group(
-                    Some(nix::unistd::Pid::from_raw(pid as i32)),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                reaped += 1;
+    let mut live: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["start", run, pid, started] => {
+                if let (Ok(pid), Ok(started)) = (pid.parse(), started.parse()) {
+                    live.insert(run, (pid, started));
+                }
             }
+            ["end", run] => {
+                live.remove(run);
+            }
+            _ => {} // a torn last line, or garbage: nothing to act on
         }
-        let _ = std::fs::remove_file(&marker);
+    }
+    let mut reaped = 0;
+    for (run, (pid, started)) in live {
+        if pid > 1 && pid <= i32::MAX as u64 && start_time(pid as u32) == Some(started) {
+            tracing::warn!(pid, run, "killing a process group left by a previous agent");
+            signal_group(
+                Some(nix::unistd::Pid::from_raw(pid as i32)),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            reaped += 1;
+        }
     }
     reaped
 }

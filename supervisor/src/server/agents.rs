@@ -51,6 +51,8 @@ pub async fn serve(
                 continue;
             }
         };
+        // Small frames go out at once: no waiting on Nagle and delayed ACKs.
+        let _ = stream.set_nodelay(true);
         let (endpoint, core, hub) = (endpoint.clone(), core.clone(), hub.clone());
         let span = tracing::info_span!("agent_conn", peer = %peer);
         tokio::spawn(connection(stream, endpoint, core, hub).instrument(span));

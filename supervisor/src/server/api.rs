@@ -67,6 +67,8 @@ pub async fn serve(listener: TcpListener, router: Router) {
                 continue;
             }
         };
+        // Small frames go out at once: no waiting on Nagle and delayed ACKs.
+        let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
