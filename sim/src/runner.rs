@@ -59,7 +59,7 @@ impl Runner for SimRunner {
             let key = (order.job, order.attempt, runner.agent.clone());
             runner.processes.set(key.clone(), ProcessEnd::Running);
             let _ = control.started.send(());
-            let began = tokio::time::Instant::now();
+            let began = foreman::seam::now();
             let mut kill = control.kill;
             let (outcome, end) = tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(duration_ms)) => (Outcome::Exited { code }, ProcessEnd::Exited(code)),
@@ -69,7 +69,7 @@ impl Runner for SimRunner {
             FinishedReport {
                 outcome,
                 output_tail: output,
-                run_ms: began.elapsed().as_millis() as u64,
+                run_ms: foreman::seam::now().ms_since(began),
             }
         })
     }

@@ -20,7 +20,7 @@ async fn wait_for(
     bound: Duration,
     done: impl Fn(&JobView) -> bool,
 ) -> JobView {
-    let deadline = tokio::time::Instant::now() + bound;
+    let deadline = foreman::seam::now().plus_ms(bound.as_millis() as u64);
     loop {
         if let Ok(view) = client.job(job).await {
             if done(&view) {
@@ -28,7 +28,7 @@ async fn wait_for(
             }
         }
         assert!(
-            tokio::time::Instant::now() < deadline,
+            foreman::seam::now() < deadline,
             "job {job} not as expected within {bound:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -76,12 +76,9 @@ async fn scenario() -> String {
             .spawn(async move {
                 // The service comes up.
                 let bound = Duration::from_secs(30);
-                let deadline = tokio::time::Instant::now() + bound;
+                let deadline = foreman::seam::now().plus_ms(bound.as_millis() as u64);
                 while admin.jobs("").await.is_err() {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "the API never came up"
-                    );
+                    assert!(foreman::seam::now() < deadline, "the API never came up");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 // Submit, complete.

@@ -388,7 +388,7 @@ async fn rate(bin: PathBuf) {
             // Worker w sends jobs w, w+16, ... on their scheduled instants.
             for n in (w..total).step_by(workers as usize) {
                 let due = began + Duration::from_micros(n * 1_000_000 / per_sec);
-                tokio::time::sleep_until(due.into()).await;
+                tokio::time::sleep(due.saturating_duration_since(Instant::now())).await;
                 if submitter.submit().await {
                     sent += 1;
                 }

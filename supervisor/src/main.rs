@@ -409,7 +409,7 @@ async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf) {
     };
     let mut delay_ms = 100u64;
     loop {
-        let began = tokio::time::Instant::now();
+        let began = foreman::seam::now();
         let child = tokio::process::Command::new(&exe)
             .arg("agent")
             .arg("--supervisor")
@@ -429,7 +429,7 @@ async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf) {
             }
             Err(e) => tracing::error!(agent = index, error = %e, "cannot start a local agent"),
         }
-        if began.elapsed() > Duration::from_secs(60) {
+        if foreman::seam::now().ms_since(began) > 60_000 {
             delay_ms = 100;
         }
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;

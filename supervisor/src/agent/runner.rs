@@ -68,7 +68,7 @@ impl Runner for ProcessRunner {
 
 impl ProcessRunner {
     async fn run_process(self, order: RunOrder, control: RunControl) -> FinishedReport {
-        let began = tokio::time::Instant::now();
+        let began = crate::seam::now();
         let spawn_failed = |error: String| FinishedReport {
             outcome: Outcome::SpawnFailed { error },
             output_tail: String::new(),
@@ -150,7 +150,7 @@ impl ProcessRunner {
         FinishedReport {
             outcome,
             output_tail: read_tail(&output_path, self.output_tail_bytes),
-            run_ms: began.elapsed().as_millis() as u64,
+            run_ms: crate::seam::now().ms_since(began),
         }
     }
 }
