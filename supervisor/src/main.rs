@@ -203,8 +203,28 @@ struct ServerFile {
     pid: u32,
 }
 
+/// The `[core]` part of a configuration file with every default, for
+/// `foreman serve --help` (generated, so it cannot drift from the code).
+fn core_defaults_toml() -> String {
+    #[derive(Serialize)]
+    struct File {
+        core: CoreConfig,
+    }
+    let text = toml::to_string(&File {
+        core: CoreConfig::default(),
+    })
+    .unwrap_or_default();
+    format!("Core settings for the --config file, with their defaults (every one may be left out):\n\n{text}")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let command =
+        Cli::command().mut_subcommand("serve", |serve| serve.after_long_help(core_defaults_toml()));
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -267,3 +267,33 @@ async fn hostile_websocket_frames_tokens_and_duplicate_agents() {
         "{names:?}"
     );
 }
+
+#[test]
+fn hostile_config_files_are_refused_with_the_file_and_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("broken.toml", "[core\npool_sequential_cpus = 4\n", "line 1"),
+        ("unknown.toml", "api_adress = \"127.0.0.1:1\"\n", "unknown field `api_adress`"),
+        ("typed.toml", "[core]\nagent_grace_ms = \"soon\"\n", "agent_grace_ms"),
+        ("plan.toml", "[core.plans.gold]\npriority = 1\n", "missing field `sequential`"),
+    ];
+    for (name, text, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let output = std::process::Command::new(FOREMAN)
+            .args(["serve", "--local-agents", "0", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} was accepted");
+        assert!(stderr.contains(name) && stderr.contains(expected), "{name}: {stderr}");
+    }
+    let missing = std::process::Command::new(FOREMAN)
+        .args(["serve", "--config", "/no/such/foreman.toml"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/foreman.toml"));
+}
