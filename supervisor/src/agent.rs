@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn, Instrument};
 
-use crate::core::{AttemptReport, FinishedReport, JobId};
+use crate::core::{AttemptReport, FinishedReport, JobId, Outcome};
 use crate::protocol::{self, FromAgent, ToAgentMsg};
 
 pub use runner::{ProcessRunner, RunControl, RunOrder, Runner};
@@ -97,10 +97,12 @@ impl Agent {
         async move {
             let mut failures: u32 = 0;
             loop {
+                let began = crate::seam::now();
                 match self.session().await {
                     Ok(Ended::Lost(why)) => {
                         info!(%why, "connection lost; reconnecting");
-                        failures = 1;
+                        let steady = crate::seam::now().ms_since(began) >= SESSION_STEADY_MS;
+                        failures = if steady { 1 } else { failures + 1 };
                     }
                     Err(why) => {
                         failures += 1;
@@ -143,93 +145,114 @@ impl Agent {
             RunEvent::Finished(key, report) => {
                 self.running.remove(&key);
                 self.outbox.insert(key, report.clone());
-                Some(FromAgent::Finished {
-                    job: key.0,
-                    attempt: key.1,
-                    outcome: report.outcome,
-                    output_tail: report.output_tail,
-                    run_ms: report.run_ms,
-                })
+                Some(finished_msg(key, report))
             }
         }
     }
 
+    /// The hello names every attempt the agent still has, running or
+    /// finished and unacknowledged, by key only (so its size is bounded by
+    /// the attempt count, not by their output); finished results follow as
+    /// `finished` frames once welcomed.
     fn hello(&self) -> FromAgent {
-        let running = self.running.keys().map(|(job, attempt)| AttemptReport {
-            job: *job,
-            attempt: *attempt,
-            finished: None,
-        });
-        let finished = self
-            .outbox
-            .iter()
-            .map(|((job, attempt), report)| AttemptReport {
+        let attempts = self
+            .running
+            .keys()
+            .chain(self.outbox.keys())
+            .map(|(job, attempt)| AttemptReport {
                 job: *job,
                 attempt: *attempt,
-                finished: Some(report.clone()),
-            });
+                finished: None,
+            })
+            .collect();
         FromAgent::Hello {
             v: protocol::VERSION,
             agent: self.options.agent_id.clone(),
             token: self.options.token.clone(),
             cpus: self.options.cpus,
             labels: self.options.labels.clone(),
-            attempts: running.chain(finished).collect(),
+            attempts,
         }
     }
 
     /// One connection, from connect to loss. `Err` if it never got welcomed.
     async fn session(&mut self) -> Result<Ended, String> {
-        let stream = TcpStream::connect(&self.options.supervisor)
+        let bound = Duration::from_millis(CONNECT_TIMEOUT_MS);
+        let stream = tokio::time::timeout(bound, TcpStream::connect(&self.options.supervisor))
             .await
+            .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
         let url = format!("ws://{}/agent", self.options.supervisor);
-        let (ws, _) = tokio_tungstenite::client_async_with_config(
+        let handshake = tokio_tungstenite::client_async_with_config(
             url,
             stream,
             Some(crate::server::agents::ws_config()),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        );
+        let (ws, _) = tokio::time::timeout(bound, handshake)
+            .await
+            .map_err(|_| "websocket handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
         let (mut sink, mut frames) = ws.split();
         sink.send(Message::text(protocol::encode(&self.hello())))
             .await
             .map_err(|e| e.to_string())?;
-        match frames.next().await {
-            Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
-                Ok(ToAgentMsg::Welcome { .. }) => {}
+        let silence_ms = match tokio::time::timeout(bound, frames.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => match protocol::decode_to_agent(text.as_str()) {
+                Ok(ToAgentMsg::Welcome {
+                    ping_timeout_ms, ..
+                }) => ping_timeout_ms,
                 Ok(other) => return Err(format!("expected a welcome, got {other:?}")),
                 Err(e) => return Err(e.to_string()),
             },
-            other => return Err(format!("no welcome: {other:?}")),
-        }
+            Ok(other) => return Err(format!("no welcome: {other:?}")),
+            Err(_) => return Err("no welcome in time".to_string()),
+        };
         info!("connected");
+        // Results finished while away go now, one frame each.
+        for (key, report) in self.outbox.clone() {
+            let msg = finished_msg(key, report);
+            sink.send(Message::text(protocol::encode(&msg)))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        // The supervisor pings every ping_interval_ms: silence longer than its
+        // ping timeout means the connection is dead even if TCP says nothing.
+        let mut last_heard = crate::seam::now();
+        let mut watchdog = tokio::time::interval(Duration::from_millis((silence_ms / 4).max(10)));
         loop {
             tokio::select! {
-                frame = frames.next() => match frame {
-                    Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
-                        Ok(msg) => {
-                            if let Some(reply) = self.obey(msg) {
-                                if sink.send(Message::text(protocol::encode(&reply))).await.is_err() {
-                                    return Ok(Ended::Lost("send failed".into()));
+                frame = frames.next() => {
+                    last_heard = crate::seam::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
+                            Ok(msg) => {
+                                if let Some(reply) = self.obey(msg) {
+                                    if sink.send(Message::text(protocol::encode(&reply))).await.is_err() {
+                                        return Ok(Ended::Lost("send failed".into()));
+                                    }
                                 }
                             }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "frame out of protocol; reconnecting");
-                            return Ok(Ended::Lost(e.to_string()));
-                        }
-                    },
-                    Some(Ok(Message::Close(_))) | None => return Ok(Ended::Lost("closed".into())),
-                    Some(Ok(_)) => {} // pings are answered by the websocket layer
-                    Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
-                },
+                            Err(e) => {
+                                warn!(error = %e, "frame out of protocol; reconnecting");
+                                return Ok(Ended::Lost(e.to_string()));
+                            }
+                        },
+                        Some(Ok(Message::Close(_))) | None => return Ok(Ended::Lost("closed".into())),
+                        Some(Ok(_)) => {} // pings are answered by the websocket layer
+                        Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
+                    }
+                }
                 Some(event) = self.events.recv() => {
                     if let Some(msg) = self.absorb(event) {
                         if sink.send(Message::text(protocol::encode(&msg))).await.is_err() {
                             return Ok(Ended::Lost("send failed".into()));
                         }
+                    }
+                }
+                _ = watchdog.tick() => {
+                    if crate::seam::now().ms_since(last_heard) > silence_ms {
+                        return Ok(Ended::Lost(format!("nothing heard for {silence_ms} ms")));
                     }
                 }
             }
@@ -272,7 +295,15 @@ impl Agent {
                                 }
                             }
                         };
-                        let (report, ()) = tokio::join!(run, watch_start);
+                        // Its own task: a runner that panics still ends the attempt.
+                        let (report, ()) = tokio::join!(tokio::spawn(run), watch_start);
+                        let report = report.unwrap_or_else(|e| FinishedReport {
+                            outcome: Outcome::SpawnFailed {
+                                error: format!("the runner failed: {e}"),
+                            },
+                            output_tail: String::new(),
+                            run_ms: 0,
+                        });
                         let _ = events.send(RunEvent::Finished(key, report));
                     }
                     .instrument(span),
@@ -318,6 +349,22 @@ impl Agent {
         }
     }
 }
+
+fn finished_msg(key: Key, report: FinishedReport) -> FromAgent {
+    FromAgent::Finished {
+        job: key.0,
+        attempt: key.1,
+        outcome: report.outcome,
+        output_tail: report.output_tail,
+        run_ms: report.run_ms,
+    }
+}
+
+/// How long a connect, a handshake or the wait for the welcome may take.
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// A session shorter than this does not reset the reconnect backoff (an
+/// agent the supervisor keeps refusing must not hammer it).
+const SESSION_STEADY_MS: u64 = 10_000;
 
 /// The wait before the next connect after `failures` failures in a row:
 /// exponential from `reconnect_min_ms`, capped at `reconnect_max_ms`, with

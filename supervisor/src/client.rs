@@ -159,15 +159,19 @@ impl Client {
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             });
         }
-        let mut buffer = String::new();
+        // Bytes until a whole event ("\n\n") is in: a character may be split
+        // across frames.
+        let mut buffer: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };
-            buffer.push_str(&String::from_utf8_lossy(data));
-            while let Some(end) = buffer.find("\n\n") {
-                let block: String = buffer.drain(..end + 2).collect();
+            buffer.extend_from_slice(data);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = buffer.drain(..end + 2).collect();
+                let block =
+                    String::from_utf8(block).map_err(|e| ClientError::Decode(e.to_string()))?;
                 let mut event = "";
                 let mut payload = "";
                 for line in block.lines() {

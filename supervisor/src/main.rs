@@ -439,7 +439,7 @@ async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf) {
             .arg("--id")
             .arg(format!("local-{index}"))
             .arg("--work-dir")
-            .arg(data_dir.join("runs"))
+            .arg(data_dir.join("runs").join(format!("local-{index}")))
             .kill_on_drop(false)
             .spawn();
         match child {

@@ -9,13 +9,30 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::core::Millis;
 
-/// Now, as the core counts time: milliseconds since the Unix epoch.
+/// Now, as the core counts time: milliseconds since the Unix epoch. In a
+/// normal build it is the wall clock at start plus monotonic time since, so
+/// a clock step (NTP) neither fires every timeout at once nor stalls them; in
+/// a simulation it is the simulator's clock.
 #[allow(clippy::disallowed_methods)] // the seam is where the clock is read
 pub fn now() -> Millis {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    Millis(since_epoch.as_millis() as u64)
+    #[cfg(madsim)]
+    {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        Millis(since_epoch.as_millis() as u64)
+    }
+    #[cfg(not(madsim))]
+    {
+        static START: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+        let (epoch_ms, instant) = START.get_or_init(|| {
+            let since_epoch = std::time::SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO);
+            (since_epoch.as_millis() as u64, std::time::Instant::now())
+        });
+        Millis(epoch_ms + instant.elapsed().as_millis() as u64)
+    }
 }
 
 /// Sleeps until the core's clock reads `deadline` (returns at once if it has).

@@ -92,6 +92,7 @@ impl Supervisor {
             .arg("--data-dir")
             .arg(self.path())
             .env("FOREMAN_LOG", "info")
+            .env("FOREMAN_DATA_DIR", self.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -273,9 +273,21 @@ fn hostile_config_files_are_refused_with_the_file_and_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("broken.toml", "[core\npool_sequential_cpus = 4\n", "line 1"),
-        ("unknown.toml", "api_adress = \"127.0.0.1:1\"\n", "unknown field `api_adress`"),
-        ("typed.toml", "[core]\nagent_grace_ms = \"soon\"\n", "agent_grace_ms"),
-        ("plan.toml", "[core.plans.gold]\npriority = 1\n", "missing field `sequential`"),
+        (
+            "unknown.toml",
+            "api_adress = \"127.0.0.1:1\"\n",
+            "unknown field `api_adress`",
+        ),
+        (
+            "typed.toml",
+            "[core]\nagent_grace_ms = \"soon\"\n",
+            "agent_grace_ms",
+        ),
+        (
+            "plan.toml",
+            "[core.plans.gold]\npriority = 1\n",
+            "missing field `sequential`",
+        ),
     ];
     for (name, text, expected) in cases {
         let path = dir.path().join(name);
@@ -289,7 +301,10 @@ fn hostile_config_files_are_refused_with_the_file_and_the_line() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name} was accepted");
-        assert!(stderr.contains(name) && stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains(expected),
+            "{name}: {stderr}"
+        );
     }
     let missing = std::process::Command::new(FOREMAN)
         .args(["serve", "--config", "/no/such/foreman.toml"])

@@ -2,6 +2,7 @@
 //! CLI, running real commands on loopback.
 #![cfg(not(madsim))]
 
+mod agents;
 mod harness;
 mod hostile;
 

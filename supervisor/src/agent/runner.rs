@@ -88,6 +88,14 @@ impl ProcessRunner {
         };
         let spec = &order.spec;
         let mut command = tokio::process::Command::new(&spec.argv[0]);
+        // A job sees a small, known environment plus its own, never the
+        // agent's (which may hold its token).
+        command.env_clear();
+        for name in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
         command
             .args(&spec.argv[1..])
             .envs(&spec.env)
@@ -105,7 +113,14 @@ impl ProcessRunner {
             .kill_on_drop(false);
         let mut child = match command.spawn() {
             Ok(child) => child,
-            Err(e) => return spawn_failed(format!("{}: {e}", spec.argv[0])),
+            Err(e) => {
+                return spawn_failed(match &spec.cwd {
+                    Some(cwd) if !std::path::Path::new(cwd).is_dir() => {
+                        format!("cwd {cwd}: not a directory")
+                    }
+                    _ => format!("{}: {e}", spec.argv[0]),
+                })
+            }
         };
         let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
         let name = format!("{}-{}", order.job, order.attempt);
@@ -164,6 +179,8 @@ impl ProcessRunner {
 pub struct GroupLog {
     path: PathBuf,
     state: std::sync::Mutex<GroupLogState>,
+    /// The work dir's lock, held for as long as the log is.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 #[derive(Debug)]
@@ -174,13 +191,31 @@ struct GroupLogState {
 }
 
 pub const GROUP_LOG: &str = "process-groups.log";
+/// Held (flock) by the one agent that owns a work dir.
+pub const AGENT_LOCK: &str = "agent.lock";
+
+/// Environment variables a job inherits from its agent; everything else it
+/// gets from its own spec.
+pub const INHERITED_ENV: [&str; 8] = [
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR",
+];
 const GROUP_LOG_BYTES_MAX: u64 = 1024 * 1024;
 
 impl GroupLog {
     /// Reaps what a previous agent left in `work_dir` (see `reap_orphans`)
     /// and starts an empty log. Returns the log and how many groups it killed.
+    /// Fails if another live agent holds the work dir: two agents on one
+    /// work dir would reap each other's jobs.
     pub fn open(work_dir: &std::path::Path) -> std::io::Result<(GroupLog, usize)> {
         std::fs::create_dir_all(work_dir)?;
+        let lock_file = std::fs::File::create(work_dir.join(AGENT_LOCK))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "another agent is running on this work dir",
+                )
+            })?;
         let path = work_dir.join(GROUP_LOG);
         let reaped = reap_orphans(&path);
         let file = std::fs::File::create(&path)?;
@@ -193,6 +228,7 @@ impl GroupLog {
             GroupLog {
                 path,
                 state: std::sync::Mutex::new(state),
+                _lock: lock,
             },
             reaped,
         ))

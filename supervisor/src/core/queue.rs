@@ -220,3 +220,67 @@ impl FairQueue {
         assert_eq!(total, self.len, "queue length");
     }
 }
+
+/// A level's order as a snapshot keeps it: the ring's users front to back,
+/// and the parked users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LevelOrder {
+    pub priority: u8,
+    pub ring: Vec<UserKey>,
+    pub parked: Vec<UserKey>,
+}
+
+impl FairQueue {
+    /// Every level's order, highest priority first.
+    pub fn orders(&self) -> Vec<LevelOrder> {
+        self.levels
+            .iter()
+            .map(|(Reverse(priority), level)| LevelOrder {
+                priority: *priority,
+                ring: level.ring.iter().copied().collect(),
+                parked: level.parked.iter().copied().collect(),
+            })
+            .collect()
+    }
+
+    /// Rebuilds a queue from level orders and each user's waiting jobs;
+    /// `None` if they do not describe one queue (a user in two places, a
+    /// user without jobs, jobs without a user).
+    pub fn from_orders(
+        orders: &[LevelOrder],
+        mut jobs: BTreeMap<(u8, UserKey), VecDeque<JobId>>,
+    ) -> Option<FairQueue> {
+        let mut queue = FairQueue::default();
+        for order in orders {
+            let mut level = Level::default();
+            for (user, parked) in order
+                .ring
+                .iter()
+                .map(|u| (*u, false))
+                .chain(order.parked.iter().map(|u| (*u, true)))
+            {
+                let user_jobs = jobs.remove(&(order.priority, user))?;
+                if user_jobs.is_empty() || level.jobs.contains_key(&user) {
+                    return None;
+                }
+                level.len += user_jobs.len();
+                level.jobs.insert(user, user_jobs);
+                if parked {
+                    level.parked.insert(user);
+                } else {
+                    level.ring.push_back(user);
+                }
+            }
+            queue.len += level.len;
+            if level.len > 0
+                && queue
+                    .levels
+                    .insert(Reverse(order.priority), level)
+                    .is_some()
+            {
+                return None;
+            }
+        }
+        jobs.is_empty().then_some(queue)
+    }
+}

@@ -60,10 +60,17 @@ pub async fn serve(
 }
 
 async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle, hub: Arc<Hub>) {
-    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await {
-        Ok(ws) => ws,
-        Err(e) => {
+    let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config()));
+    let ws = match tokio::time::timeout(Duration::from_millis(endpoint.hello_timeout_ms), handshake)
+        .await
+    {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
             info!(error = %e, "websocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            info!("no websocket handshake within hello_timeout_ms");
             return;
         }
     };
@@ -165,8 +172,13 @@ async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle
                     }
                     out = outgoing.recv() => match out {
                         Some(Outgoing::Msg(msg)) => {
-                            if sink.send(Message::text(protocol::encode(&msg))).await.is_err() {
-                                break GoneReason::Closed;
+                            // An agent that stops reading must not stall this task
+                            // past its ping timeout.
+                            let send = sink.send(Message::text(protocol::encode(&msg)));
+                            match tokio::time::timeout(Duration::from_millis(endpoint.ping_timeout_ms), send).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break GoneReason::Closed,
+                                Err(_) => break GoneReason::PingTimeout,
                             }
                         }
                         Some(Outgoing::Close(why)) => {
@@ -180,15 +192,18 @@ async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle
                             warn!(ping_timeout_ms = endpoint.ping_timeout_ms, "nothing heard within the ping timeout");
                             break GoneReason::PingTimeout;
                         }
-                        if sink.send(Message::Ping(Default::default())).await.is_err() {
-                            break GoneReason::Closed;
+                        let send = sink.send(Message::Ping(Default::default()));
+                        match tokio::time::timeout(Duration::from_millis(endpoint.ping_timeout_ms), send).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break GoneReason::Closed,
+                            Err(_) => break GoneReason::PingTimeout,
                         }
                     }
                 }
             }
         };
         hub.close_conn(conn);
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(endpoint.hello_timeout_ms), sink.send(Message::Close(None))).await;
         info!(?reason, "agent connection ended");
         let _ = core.input(Input::AgentGone { conn, agent, reason }).await;
     }

@@ -204,18 +204,16 @@ async fn submit(
     let user = state.authenticate(&headers)?;
     let spec: SubmitSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
-    let (request, reply) = state.hub.expect_reply();
+    let waiter = state.hub.expect_reply();
+    let request = waiter.request;
     let input = Input::Submit {
         request,
         user: user.name.clone(),
         plan: user.plan.clone(),
         spec,
     };
-    if let Err(e) = state.core.input(input).await {
-        state.hub.forget_reply(request);
-        return Err(ApiError::internal(e));
-    }
-    match reply.await.map_err(ApiError::internal)? {
+    state.core.input(input).await.map_err(ApiError::internal)?;
+    match waiter.wait().await.map_err(ApiError::internal)? {
         Reply::Submitted { job, existing } => {
             let view = state.view(&user, job).await?;
             let status = if existing {
@@ -297,24 +295,19 @@ async fn cancel(
 ) -> ApiResult<Json<JobView>> {
     let user = state.authenticate(&headers)?;
     let id = job_id(&id)?;
-    let (request, reply) = state.hub.expect_reply();
+    let waiter = state.hub.expect_reply();
+    let request = waiter.request;
     let by = Requester {
         user: user.name.clone(),
         admin: user.admin,
     };
-    if let Err(e) = state
-        .core
-        .input(Input::Cancel {
-            request,
-            by,
-            job: id,
-        })
-        .await
-    {
-        state.hub.forget_reply(request);
-        return Err(ApiError::internal(e));
-    }
-    match reply.await.map_err(ApiError::internal)? {
+    let input = Input::Cancel {
+        request,
+        by,
+        job: id,
+    };
+    state.core.input(input).await.map_err(ApiError::internal)?;
+    match waiter.wait().await.map_err(ApiError::internal)? {
         Reply::Cancel { .. } => Ok(Json(state.view(&user, id).await?)),
         // Not live: over already (cancel is idempotent: answer with its state),
         // or not this user's, or no such job.

@@ -37,6 +37,29 @@ pub struct Latency {
     pub sum_ms: u64,
 }
 
+/// A reply to come; its entry in the hub lives exactly as long as it does.
+pub struct ReplyWaiter {
+    hub: Arc<Hub>,
+    pub request: RequestId,
+    rx: Option<oneshot::Receiver<Reply>>,
+}
+
+impl ReplyWaiter {
+    pub async fn wait(mut self) -> Result<Reply, oneshot::error::RecvError> {
+        self.rx.take().expect("waited once").await
+    }
+}
+
+impl Drop for ReplyWaiter {
+    fn drop(&mut self) {
+        self.hub
+            .replies
+            .lock()
+            .expect("hub lock")
+            .remove(&self.request);
+    }
+}
+
 pub struct Hub {
     next_conn: AtomicU64,
     next_request: AtomicU64,
@@ -81,16 +104,17 @@ impl Hub {
         conns.get(&conn).is_some_and(|tx| tx.send(out).is_ok())
     }
 
-    /// A new request id with the receiver its reply will arrive on.
-    pub fn expect_reply(&self) -> (RequestId, oneshot::Receiver<Reply>) {
+    /// A new request id with the waiter its reply will arrive on. Dropping
+    /// the waiter (a client that went away) forgets the request.
+    pub fn expect_reply(self: &Arc<Self>) -> ReplyWaiter {
         let request = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         self.replies.lock().expect("hub lock").insert(request, tx);
-        (request, rx)
-    }
-
-    pub fn forget_reply(&self, request: RequestId) {
-        self.replies.lock().expect("hub lock").remove(&request);
+        ReplyWaiter {
+            hub: self.clone(),
+            request,
+            rx: Some(rx),
+        }
     }
 
     pub fn reply(&self, request: RequestId, reply: Reply) {

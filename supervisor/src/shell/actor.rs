@@ -5,7 +5,7 @@
 //! batches, so no caller ever sees a half-applied step.
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info_span};
+use tracing::debug;
 
 use crate::core::{Core, Effect, Input};
 use crate::seam;
@@ -93,7 +93,6 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
             () = seam::sleep_until(deadline.unwrap_or_default()), if deadline.is_some() => None,
         };
         let now = seam::now();
-        let span = info_span!("batch", at = now.0).entered();
         match first {
             None => effects.extend(core.handle(now, Input::Tick)),
             Some(command) => {
@@ -105,16 +104,22 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
                             effects.extend(core.handle(now, input));
                             inputs += 1;
                         }
-                        Command::Query(read) => read(&core),
+                        Command::Query(read) => {
+                            // A query sees only what is committed: finish the
+                            // batch so far first.
+                            if !effects.is_empty() {
+                                executor.execute(std::mem::take(&mut effects)).await;
+                            }
+                            read(&core);
+                        }
                     }
                     if inputs < BATCH_INPUTS_MAX {
                         next = rx.try_recv().ok();
                     }
                 }
-                debug!(inputs, effects = effects.len(), "batch");
+                debug!(at = now.0, inputs, effects = effects.len(), "batch");
             }
         }
-        drop(span);
         if !effects.is_empty() {
             executor.execute(std::mem::take(&mut effects)).await;
         }
