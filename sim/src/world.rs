@@ -67,6 +67,8 @@ impl World {
                 },
                 auth::sha256_hex(ADMIN_TOKEN),
             )],
+            journal_segment_bytes_max: 0,
+            journal_segments_max: 0,
         };
         let supervisor = handle
             .create_node()

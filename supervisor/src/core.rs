@@ -13,6 +13,7 @@ mod io;
 mod job;
 mod machine;
 mod queue;
+mod snapshot;
 mod spec;
 mod timers;
 mod types;
@@ -68,5 +69,6 @@ pub use io::{
 };
 pub use job::{Attempt, Job, Outcome, Phase, StopReason, Transition};
 pub use machine::{Core, RestoreError};
+pub use snapshot::{AgentRecord, IdempotencyRecord, LevelRecord, Snapshot};
 pub use spec::{tail, JobSpec, SubmitError, SubmitSpec};
 pub use types::{AgentId, ConnId, JobId, JobState, Kind, Millis, RequestId};

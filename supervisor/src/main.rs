@@ -67,6 +67,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Replay a journal segment through the scheduler and print what it did.
+    Replay {
+        /// A segment: <data dir>/journal/current.jsonl or <n>.jsonl.
+        file: PathBuf,
+        /// Print every effect as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage accounts.
     User {
         #[command(subcommand)]
@@ -117,6 +125,12 @@ struct ServeArgs {
     /// A lost agent's jobs wait this long for it. [default: 60000]
     #[arg(long, env = "FOREMAN_AGENT_GRACE_MS")]
     agent_grace_ms: Option<u64>,
+    /// Size of one journal segment, in MiB. [default: 64]
+    #[arg(long, env = "FOREMAN_JOURNAL_SEGMENT_MIB")]
+    journal_segment_mib: Option<u64>,
+    /// Old journal segments kept; 0 turns the journal off. [default: 8]
+    #[arg(long, env = "FOREMAN_JOURNAL_SEGMENTS")]
+    journal_segments: Option<usize>,
 }
 
 /// The file form of `ServeArgs` (same names), plus the core's settings.
@@ -131,6 +145,8 @@ struct ConfigFile {
     ping_timeout_ms: Option<u64>,
     hello_timeout_ms: Option<u64>,
     agent_grace_ms: Option<u64>,
+    journal_segment_mib: Option<u64>,
+    journal_segments: Option<usize>,
     #[serde(default)]
     core: Option<CoreConfig>,
 }
@@ -259,6 +275,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         } => jobs(state, user, limit, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Watch { id, client } => watch(id, client).await,
+        Command::Replay { file, json } => replay(file, json),
         Command::User {
             command:
                 UserCommand::Add {
@@ -379,6 +396,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                 .unwrap_or(5_000),
         },
         bootstrap_users: vec![(admin, auth::sha256_hex(&admin_token))],
+        journal_segment_bytes_max: args
+            .journal_segment_mib
+            .or(file.journal_segment_mib)
+            .unwrap_or(64)
+            * 1024
+            * 1024,
+        journal_segments_max: args.journal_segments.or(file.journal_segments).unwrap_or(8),
     };
     let running = server::start(options).await.map_err(|e| e.to_string())?;
     let server_file = ServerFile {
@@ -733,6 +757,34 @@ fn user_add(
     eprintln!(
         "user {name} created on plan {plan}{}; the token above is shown only once",
         if admin { " (admin)" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(file: PathBuf, json: bool) -> Result<ExitCode, String> {
+    let mut inputs = 0u64;
+    let core = foreman::server::journal::replay(&file, |at, _input, effects| {
+        inputs += 1;
+        for effect in effects {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&effect).expect("effects serialize")
+                );
+            } else if let foreman::core::Effect::Event(event) = effect {
+                let job = event.job.map_or(String::from("-"), |j| j.to_string());
+                let agent = event.agent.as_ref().map_or("-", |a| a.as_str());
+                println!(
+                    "{:>13} job {job:<6} agent {agent:<12} {:?}: {}",
+                    at.0, event.kind, event.reason
+                );
+            }
+        }
+    })?;
+    eprintln!(
+        "replayed {inputs} inputs; {} jobs still live, {} agents known",
+        core.jobs().count(),
+        core.agents().count()
     );
     Ok(ExitCode::SUCCESS)
 }

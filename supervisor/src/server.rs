@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod executor;
 pub mod hub;
+pub mod journal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ pub struct ServerOptions {
     pub endpoint: AgentEndpoint,
     /// Accounts to create if they do not exist yet: (user, token SHA-256).
     pub bootstrap_users: Vec<(User, String)>,
+    /// The journal's bounds: bytes per segment, and old segments kept (0: no journal).
+    pub journal_segment_bytes_max: u64,
+    pub journal_segments_max: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +78,26 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     let core = Core::restore(options.core.clone(), now, records, next_job_id)?;
     info!(restored, next_job_id, "core restored from the store");
     let hub = Arc::new(hub::Hub::default());
+    let journal = if options.journal_segments_max > 0 {
+        let dir = options.data_dir.join("journal");
+        match journal::Journal::open(
+            &dir,
+            options.journal_segment_bytes_max,
+            options.journal_segments_max,
+        ) {
+            Ok(journal) => Some(journal),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "no journal: it cannot be opened");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let executor = executor::ServerExecutor {
         store: writer,
         hub: hub.clone(),
+        journal,
     };
     let (core_handle, actor) = actor::spawn(core, executor, 4096);
     let api_listener = TcpListener::bind(options.api_addr)

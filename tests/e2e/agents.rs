@@ -47,6 +47,8 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
             },
             auth::sha256_hex("admin-secret"),
         )],
+        journal_segment_bytes_max: 0,
+        journal_segments_max: 0,
     })
     .await
     .unwrap();

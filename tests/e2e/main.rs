@@ -249,3 +249,58 @@ async fn e2e_supervisor_kill_9_under_load_forgets_no_acknowledged_job() {
     );
     assert_eq!(view.job.attempts.len(), 1, "and was not run twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
+    let mut sup = Supervisor::start(2).await;
+    let ok = sup.admin.submit(&sh("echo fine")).await.unwrap().job.id;
+    let bad = sup.admin.submit(&sh("exit 4")).await.unwrap().job.id;
+    let long = sup
+        .admin
+        .submit(&sh(&format!("sleep {}", unique_sleep(5))))
+        .await
+        .unwrap()
+        .job
+        .id;
+    sup.wait_state(&sup.admin, ok, JobState::Succeeded, BOUND)
+        .await;
+    sup.wait_state(&sup.admin, bad, JobState::Failed, BOUND)
+        .await;
+    sup.wait_state(&sup.admin, long, JobState::Running, BOUND)
+        .await;
+    sup.admin.cancel(long).await.unwrap();
+    sup.wait_state(&sup.admin, long, JobState::Canceled, BOUND)
+        .await;
+    let stored: Vec<(u64, String)> = sup
+        .admin
+        .jobs("")
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| (j.id.0, j.state.to_string()))
+        .collect();
+    sup.kill_9();
+    let journal = sup.path().join("journal").join("current.jsonl");
+    let mut replayed: std::collections::BTreeMap<u64, String> = Default::default();
+    foreman::server::journal::replay(&journal, |_, _, effects| {
+        for effect in effects {
+            if let foreman::core::Effect::Persist { job } = effect {
+                replayed.insert(job.id.0, job.state.to_string());
+            }
+        }
+    })
+    .expect("the journal replays");
+    for (id, state) in &stored {
+        assert_eq!(
+            replayed.get(id),
+            Some(state),
+            "job {id} replays to what the store holds"
+        );
+    }
+    let (success, out, err) = sup.cli(&["replay", &journal.display().to_string()]);
+    assert!(success, "{err}");
+    assert!(
+        out.contains("Ended") && err.contains("replayed"),
+        "{out}\n{err}"
+    );
+}

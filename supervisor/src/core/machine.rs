@@ -1087,7 +1087,7 @@ impl Core {
 
     /// The user's key, assigned on first sight. Users are accounts, so the
     /// table is as large as the set of people who ever submitted.
-    fn intern(&mut self, name: &Arc<str>) -> UserKey {
+    pub(super) fn intern(&mut self, name: &Arc<str>) -> UserKey {
         if let Some(key) = self.users.get(name) {
             return *key;
         }
@@ -1174,8 +1174,77 @@ impl Core {
             pool_used: &self.pool_used,
             held: &self.held,
             user_names: &self.user_names,
+            idempotency: &self.idempotency,
+            idempotency_expiry: &self.idempotency_expiry,
             agents: &self.agents,
             timers: &self.timers,
+        }
+    }
+
+    // ---- hooks for `snapshot` ------------------------------------------------
+
+    pub(super) fn set_clock(&mut self, now: Millis, next_job: u64) {
+        self.now = now;
+        self.next_job = next_job.max(1);
+    }
+
+    pub(super) fn user_count(&self) -> usize {
+        self.user_names.len()
+    }
+
+    pub(super) fn user_key(&self, name: &Arc<str>) -> Option<UserKey> {
+        self.users.get(name).copied()
+    }
+
+    pub(super) fn arm(&mut self, key: TimerKey, at: Option<Millis>) {
+        self.timers.set(key, at);
+    }
+
+    pub(super) fn insert_agent(&mut self, agent: Agent) {
+        self.agents.insert(agent);
+    }
+
+    /// Adds a live job from a snapshot, holding what its attempt holds.
+    pub(super) fn insert_live(&mut self, live: Live) -> Result<(), RestoreError> {
+        check_record(&self.config, &live.job, self.next_job)?;
+        let id = live.job.id;
+        if self.jobs.contains_key(&id) {
+            return Err(RestoreError::new(id, "appears twice"));
+        }
+        if let Some(attempt) = live.job.held() {
+            if self.agents.get(&attempt.agent).is_none() {
+                return Err(RestoreError::new(
+                    id,
+                    "is held on an agent the snapshot does not have",
+                ));
+            }
+            let (agent, cpus, kind) = (attempt.agent.clone(), attempt.cpus, live.job.kind());
+            self.hold(&agent, id, live.user_key, kind, cpus);
+        }
+        self.jobs.insert(id, live);
+        Ok(())
+    }
+
+    pub(super) fn set_queue(&mut self, kind: Kind, queue: FairQueue) {
+        self.queues[kind.index()] = queue;
+    }
+
+    pub(super) fn remember_idempotency(
+        &mut self,
+        user: Arc<str>,
+        key: String,
+        job: JobId,
+        expires: Millis,
+    ) {
+        self.idempotency
+            .insert((user.clone(), key.clone()), (job, expires));
+        self.idempotency_expiry.push_back((expires, user, key));
+    }
+
+    pub(super) fn rearm_all(&mut self) {
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.rearm(id);
         }
     }
 
@@ -1392,6 +1461,8 @@ pub(super) struct Parts<'a> {
     pub pool_used: &'a [u32; 2],
     pub held: &'a [[u32; 2]],
     pub user_names: &'a [Arc<str>],
+    pub idempotency: &'a BTreeMap<(Arc<str>, String), (JobId, Millis)>,
+    pub idempotency_expiry: &'a VecDeque<(Millis, Arc<str>, String)>,
     pub agents: &'a Agents,
     pub timers: &'a Timers,
 }

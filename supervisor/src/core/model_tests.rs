@@ -61,6 +61,8 @@ struct World {
     /// The attempt of each job an agent was told to run and has not ended.
     live_runs: BTreeMap<JobId, (String, u32)>,
     restarts: u64,
+    /// Off for replay tests: a restart is not an input.
+    allow_restart: bool,
 }
 
 impl World {
@@ -84,6 +86,7 @@ impl World {
             canceled: BTreeSet::new(),
             live_runs: BTreeMap::new(),
             restarts: 0,
+            allow_restart: true,
         }
     }
 
@@ -104,10 +107,11 @@ impl World {
                 };
                 self.h.advance(ms)
             }
-            _ => {
+            _ if self.allow_restart => {
                 self.restart();
                 Vec::new()
             }
+            _ => self.h.advance(1),
         };
         self.observe(&effects);
         self.check();
@@ -619,4 +623,92 @@ fn model_random_sequences_keep_every_invariant() {
             );
         }
     }
+}
+
+fn effects_json(effects: &[Effect]) -> String {
+    serde_json::to_string(effects).expect("effects serialize")
+}
+
+#[test]
+fn model_replaying_inputs_reproduces_a_run_and_a_snapshot_continues_it_exactly() {
+    for seed in 0..300u64 {
+        let mut world = World::new(seed);
+        world.allow_restart = false;
+        for _ in 0..STEPS {
+            world.step();
+        }
+        world.drain();
+        let inputs = world.h.inputs.clone();
+        let config = world.h.core.config().clone();
+        // A: the whole run again, from its inputs alone.
+        let mut a = Core::new(config.clone());
+        let mut effects_a: Vec<Vec<Effect>> = Vec::new();
+        for (now, input) in &inputs {
+            effects_a.push(a.handle(Millis(*now), input.clone()).collect());
+        }
+        let all_a: Vec<Effect> = effects_a.iter().flatten().cloned().collect();
+        assert_eq!(
+            effects_json(&all_a),
+            effects_json(&world.h.log),
+            "seed {seed}: replay differs from the run"
+        );
+        // B: part of it, then through a snapshot (as JSON), then the rest.
+        let cut = (seed as usize).wrapping_mul(7919) % inputs.len().max(1);
+        let mut b = Core::new(config);
+        for (now, input) in &inputs[..cut] {
+            b.handle(Millis(*now), input.clone()).for_each(drop);
+        }
+        let text = serde_json::to_string(&b.snapshot()).expect("snapshot serializes");
+        let snapshot: Snapshot = serde_json::from_str(&text).expect("snapshot parses");
+        let b = Core::from_snapshot(snapshot).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        b.check_invariants();
+        assert_eq!(
+            serde_json::to_string(&b.snapshot()).unwrap(),
+            text,
+            "seed {seed}: snapshot round trip"
+        );
+        let mut b = b;
+        for (i, (now, input)) in inputs.iter().enumerate().skip(cut) {
+            let effects: Vec<Effect> = b.handle(Millis(*now), input.clone()).collect();
+            assert_eq!(
+                effects_json(&effects),
+                effects_json(&effects_a[i]),
+                "seed {seed}: input {i} after a snapshot taken at input {cut}"
+            );
+        }
+    }
+}
+
+#[test]
+fn model_a_snapshot_that_does_not_hold_together_is_an_error() {
+    let mut world = World::new(3);
+    world.allow_restart = false;
+    for _ in 0..STEPS {
+        world.step();
+    }
+    let good = world.h.core.snapshot();
+    let mut twice = good.clone();
+    twice.users.extend(good.users.first().cloned());
+    let mut queues = good.clone();
+    queues.queues.clear();
+    let mut orphan = good.clone();
+    orphan.agents.clear();
+    for (what, broken) in [
+        ("a user twice", twice),
+        ("no queues", queues),
+        ("no agents", orphan),
+    ] {
+        if broken == good {
+            continue;
+        }
+        let held_or_queued = good
+            .jobs
+            .iter()
+            .any(|j| j.held().is_some() || j.state == JobState::Queued);
+        if !held_or_queued && what != "a user twice" {
+            continue;
+        }
+        assert!(Core::from_snapshot(broken).is_err(), "{what} was accepted");
+    }
+    assert!(Core::from_snapshot(good).is_ok());
 }

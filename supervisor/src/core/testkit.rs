@@ -17,6 +17,8 @@ pub struct Harness {
     pub store: BTreeMap<JobId, Job>,
     /// Every effect of every step, in order.
     pub log: Vec<Effect>,
+    /// Every input, with its time, in order (for replay tests).
+    pub inputs: Vec<(u64, Input)>,
 }
 
 pub fn basic_config() -> CoreConfig {
@@ -54,10 +56,12 @@ impl Harness {
             conns: BTreeMap::new(),
             store: BTreeMap::new(),
             log: Vec::new(),
+            inputs: Vec::new(),
         }
     }
 
     pub fn step(&mut self, input: Input) -> Vec<Effect> {
+        self.inputs.push((self.now, input.clone()));
         let effects: Vec<Effect> = self.core.handle(Millis(self.now), input).collect();
         self.core.check_invariants();
         let mut seen_other = false;

@@ -7,19 +7,30 @@ use std::sync::Arc;
 
 use tracing::{error, info};
 
-use crate::core::{Effect, Event, Job};
+use crate::core::{Core, Effect, Event, Input, Job, Millis};
 use crate::shell::actor::Executor;
 use crate::store::Store;
 
 use super::hub::{Hub, Outgoing};
+use super::journal::Journal;
 
 pub struct ServerExecutor {
     pub store: Store,
     pub hub: Arc<Hub>,
+    pub journal: Option<Journal>,
 }
 
 impl Executor for ServerExecutor {
+    fn record(&mut self, now: Millis, input: &Input, core: &Core) {
+        if let Some(journal) = &mut self.journal {
+            journal.record(now, input, core);
+        }
+    }
+
     async fn execute(&mut self, effects: Vec<Effect>) {
+        if let Some(journal) = &mut self.journal {
+            journal.flush();
+        }
         let records: Vec<Arc<Job>> = effects
             .iter()
             .filter_map(|e| match e {

@@ -26,6 +26,9 @@ enum Command {
 /// replies. Issue-specific executors (server, tests, simulator) implement it.
 pub trait Executor: Send + 'static {
     fn execute(&mut self, effects: Vec<Effect>) -> impl std::future::Future<Output = ()> + Send;
+
+    /// Sees every input just before the core handles it (the journal).
+    fn record(&mut self, _now: crate::core::Millis, _input: &Input, _core: &Core) {}
 }
 
 /// An executor that passes every batch on to a channel, for tests.
@@ -94,13 +97,17 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
         };
         let now = seam::now();
         match first {
-            None => effects.extend(core.handle(now, Input::Tick)),
+            None => {
+                executor.record(now, &Input::Tick, &core);
+                effects.extend(core.handle(now, Input::Tick));
+            }
             Some(command) => {
                 let mut next = Some(command);
                 let mut inputs = 0;
                 while let Some(command) = next.take() {
                     match command {
                         Command::Input(input) => {
+                            executor.record(now, &input, &core);
                             effects.extend(core.handle(now, input));
                             inputs += 1;
                         }

@@ -1,0 +1,198 @@
+//! An exact copy of the core's state, as data: what `restore` cannot give
+//! (connected agents, the round-robin ring order, parked users, idempotency
+//! keys) included. `Core::from_snapshot(core.snapshot())` then behaves
+//! exactly as `core` would for every later input: the journal starts each
+//! segment with one, so a segment replays exactly on its own.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::agents::{Agent, Link};
+use super::config::CoreConfig;
+use super::job::Job;
+use super::machine::{Core, Live, RestoreError};
+use super::queue::{FairQueue, LevelOrder};
+use super::timers::TimerKey;
+use super::types::{AgentId, JobId, JobState, Kind, Millis, UserKey};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub config: CoreConfig,
+    pub now: Millis,
+    pub next_job: u64,
+    /// Users in the order the core met them.
+    pub users: Vec<Arc<str>>,
+    /// Live jobs, by id.
+    pub jobs: Vec<Job>,
+    pub agents: Vec<AgentRecord>,
+    /// Per kind (sequential, parallel), each level's order.
+    pub queues: Vec<Vec<LevelRecord>>,
+    /// In expiry order.
+    pub idempotency: Vec<IdempotencyRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub link: Link,
+    pub cpus: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LevelRecord {
+    pub priority: u8,
+    pub ring: Vec<Arc<str>>,
+    pub parked: Vec<Arc<str>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub user: Arc<str>,
+    pub key: String,
+    pub job: JobId,
+    pub expires: Millis,
+}
+
+impl Core {
+    pub fn snapshot(&self) -> Snapshot {
+        let p = self.parts();
+        let name = |key: &UserKey| p.user_names[key.index()].clone();
+        let mut jobs: Vec<Job> = p.jobs.values().map(|l| (*l.job).clone()).collect();
+        jobs.sort_by_key(|j| j.id);
+        Snapshot {
+            config: p.config.clone(),
+            now: self.now(),
+            next_job: self.next_job_id(),
+            users: p.user_names.to_vec(),
+            jobs,
+            agents: p
+                .agents
+                .iter()
+                .map(|a| AgentRecord {
+                    id: a.id.clone(),
+                    link: a.link,
+                    cpus: a.cpus,
+                    labels: a.labels.clone(),
+                })
+                .collect(),
+            queues: p
+                .queues
+                .iter()
+                .map(|q| {
+                    q.orders()
+                        .iter()
+                        .map(|o| LevelRecord {
+                            priority: o.priority,
+                            ring: o.ring.iter().map(name).collect(),
+                            parked: o.parked.iter().map(name).collect(),
+                        })
+                        .collect()
+                })
+                .collect(),
+            idempotency: p
+                .idempotency_expiry
+                .iter()
+                .filter(|(expires, user, key)| {
+                    p.idempotency
+                        .get(&(user.clone(), key.clone()))
+                        .is_some_and(|(_, e)| e == expires)
+                })
+                .map(|(expires, user, key)| IdempotencyRecord {
+                    user: user.clone(),
+                    key: key.clone(),
+                    job: p.idempotency[&(user.clone(), key.clone())].0,
+                    expires: *expires,
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the core a snapshot was taken of; an error names what does
+    /// not hold together.
+    pub fn from_snapshot(snapshot: Snapshot) -> Result<Core, RestoreError> {
+        let bad = |problem: &str| RestoreError {
+            job: JobId(0),
+            problem: format!("snapshot: {problem}"),
+        };
+        let mut core = Core::new(snapshot.config);
+        core.set_clock(snapshot.now, snapshot.next_job);
+        for user in &snapshot.users {
+            if core.intern(user).index() + 1 != core.user_count() {
+                return Err(bad("a user appears twice"));
+            }
+        }
+        let grace_ms = core.config().agent_grace_ms;
+        for record in snapshot.agents {
+            if core.agent(&record.id).is_some() {
+                return Err(bad("an agent appears twice"));
+            }
+            if let Link::Disconnected { since, .. } = record.link {
+                core.arm(
+                    TimerKey::Agent(record.id.clone()),
+                    Some(since.plus_ms(grace_ms)),
+                );
+            }
+            core.insert_agent(Agent {
+                id: record.id,
+                link: record.link,
+                cpus: record.cpus,
+                labels: record.labels,
+                used_cpus: 0,
+                jobs: BTreeSet::new(),
+            });
+        }
+        let mut waiting: [BTreeMap<(u8, UserKey), VecDeque<JobId>>; 2] = Default::default();
+        for job in snapshot.jobs {
+            let user = core
+                .user_key(&job.user)
+                .ok_or_else(|| bad("a job's user is not among the users"))?;
+            if job.state == JobState::Queued {
+                waiting[job.kind().index()]
+                    .entry((job.priority, user))
+                    .or_default()
+                    .push_back(job.id);
+            }
+            core.insert_live(Live {
+                job: Arc::new(job),
+                user_key: user,
+            })?;
+        }
+        for (k, levels) in snapshot.queues.iter().enumerate().take(2) {
+            let mut orders = Vec::new();
+            for level in levels {
+                let keys = |names: &Vec<Arc<str>>| -> Result<Vec<UserKey>, RestoreError> {
+                    names
+                        .iter()
+                        .map(|n| {
+                            core.user_key(n)
+                                .ok_or_else(|| bad("a queued user is not among the users"))
+                        })
+                        .collect()
+                };
+                orders.push(LevelOrder {
+                    priority: level.priority,
+                    ring: keys(&level.ring)?,
+                    parked: keys(&level.parked)?,
+                });
+            }
+            let mut jobs = std::mem::take(&mut waiting[k]);
+            for queue in jobs.values_mut() {
+                queue.make_contiguous().sort();
+            }
+            let queue = FairQueue::from_orders(&orders, jobs)
+                .ok_or_else(|| bad("queue orders do not match the queued jobs"))?;
+            core.set_queue(Kind::ALL[k], queue);
+        }
+        if snapshot.queues.len() != 2 || waiting.iter().any(|w| !w.is_empty()) {
+            return Err(bad("queues do not match the queued jobs"));
+        }
+        for record in snapshot.idempotency {
+            core.remember_idempotency(record.user, record.key, record.job, record.expires);
+        }
+        core.rearm_all();
+        Ok(core)
+    }
+}
