@@ -58,6 +58,27 @@ pub struct Running {
     pub actor: tokio::task::JoinHandle<()>,
 }
 
+/// The next connection on `listener`, with Nagle off (small frames go out at
+/// once, not after a delayed ACK). An accept error (out of file descriptors,
+/// say) is logged and waited out briefly rather than spun on.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    what: &str,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} listener accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     std::fs::create_dir_all(&options.data_dir)
         .map_err(|e| StartError::DataDir(options.data_dir.clone(), e))?;

@@ -43,16 +43,7 @@ pub async fn serve(
     hub: Arc<Hub>,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "agent listener accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // Small frames go out at once: no waiting on Nagle and delayed ACKs.
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = super::accept(&listener, "agent").await;
         let (endpoint, core, hub) = (endpoint.clone(), core.clone(), hub.clone());
         let span = tracing::info_span!("agent_conn", peer = %peer);
         tokio::spawn(connection(stream, endpoint, core, hub).instrument(span));

@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -59,16 +58,7 @@ pub fn router(state: ApiState) -> Router {
 /// Serves `router` on every connection `listener` accepts, until dropped.
 pub async fn serve(listener: TcpListener, router: Router) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "api listener accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // Small frames go out at once: no waiting on Nagle and delayed ACKs.
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = super::accept(&listener, "api").await;
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
