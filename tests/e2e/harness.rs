@@ -172,10 +172,36 @@ impl Supervisor {
         state: JobState,
         bound: Duration,
     ) -> JobView {
-        wait_for(&format!("job {job} to be {state}"), bound, || async {
-            client.job(job).await.ok().filter(|v| v.job.state == state)
-        })
-        .await
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let view = client.job(job).await;
+            if let Ok(view) = &view {
+                if view.job.state == state {
+                    return view.clone();
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let log = std::fs::read_dir(self.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("serve-"))
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n----\n");
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(60)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!("gave up after {bound:?} waiting for job {job} to be {state}; it is {view:#?}\nsupervisor log (tail):\n{tail}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn wait_agents(&self, count: usize) {

@@ -858,7 +858,8 @@ impl Core {
             .unwrap_or_default();
         for id in held {
             let attempt = self.jobs[&id].held().expect("agent lists a held job");
-            let (number, phase) = (attempt.number, attempt.phase);
+            let (number, phase, started) =
+                (attempt.number, attempt.phase, attempt.started_at.is_some());
             match reported.remove(&(id, number)) {
                 Some(report) => match report.finished {
                     Some(finished) => self.finished(conn, agent_id, id, number, finished),
@@ -870,6 +871,12 @@ impl Core {
                         Phase::Ended => unreachable!("held attempt ended"),
                     },
                 },
+                // Never started, and the agent does not have it: the run never
+                // reached it (a supervisor that died between committing the
+                // dispatch and sending it, say). Send the same attempt again.
+                None if phase == Phase::Active && !started => {
+                    self.redeliver(conn, agent_id, id, number)
+                }
                 None => {
                     self.release(
                         id,
@@ -890,6 +897,33 @@ impl Core {
                 "not an attempt this supervisor owns",
             );
         }
+    }
+
+    /// Sends a dispatched attempt again, under the same number (the agent
+    /// ignores a run it already has), and restarts its acknowledgement timer.
+    fn redeliver(&mut self, conn: ConnId, agent: &AgentId, id: JobId, number: u32) {
+        let now = self.now;
+        let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("redelivered job exists").job);
+        let attempt = job.held_mut().expect("redelivered attempt");
+        attempt.dispatched_at = now;
+        let spec = job.spec.clone();
+        self.out.push(Effect::Send {
+            agent: agent.clone(),
+            conn,
+            msg: ToAgent::Run {
+                job: id,
+                attempt: number,
+                spec,
+            },
+        });
+        self.event(
+            Some(id),
+            Some(number),
+            Some(agent.clone()),
+            EventKind::Dispatched,
+            "sent again: the agent never received it",
+        );
+        self.touch(id);
     }
 
     /// A report about an attempt the core does not own: finished ones are

@@ -845,6 +845,28 @@ fn agent_back_without_the_job_ends_it_lost() {
 }
 
 #[test]
+fn agent_a_run_lost_in_a_supervisor_crash_is_sent_again_not_given_up() {
+    // Incident pattern: the supervisor committed a dispatch and died before
+    // the run reached the agent; after the restart the agent, truthfully,
+    // does not have it. It never ran: it must run, not end lost.
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    let records: Vec<Job> = h.store.values().cloned().collect();
+    let later = h.now + 1_000;
+    let core = Core::restore(basic_config(), Millis(later), records, h.core.next_job_id()).unwrap();
+    let mut r = Harness::from_core(core, later);
+    r.store = h.store.clone();
+    let effects = r.connect("a1", 1);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), job, 1)], "the same attempt, sent again");
+    assert_eq!(r.state(job), JobState::Dispatched);
+    r.started("a1", job, 1);
+    r.exited("a1", job, 1, 0);
+    assert_eq!(r.state(job), JobState::Succeeded);
+    assert_eq!(r.state_record(job).attempts.len(), 1);
+}
+
+#[test]
 fn agent_back_with_a_finished_result_in_its_hello_completes_the_job() {
     let mut h = harness();
     h.connect("a1", 1);
