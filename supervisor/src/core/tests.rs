@@ -858,7 +858,11 @@ fn agent_a_run_lost_in_a_supervisor_crash_is_sent_again_not_given_up() {
     let mut r = Harness::from_core(core, later);
     r.store = h.store.clone();
     let effects = r.connect("a1", 1);
-    assert_eq!(runs(&effects), vec![("a1".to_string(), job, 1)], "the same attempt, sent again");
+    assert_eq!(
+        runs(&effects),
+        vec![("a1".to_string(), job, 1)],
+        "the same attempt, sent again"
+    );
     assert_eq!(r.state(job), JobState::Dispatched);
     r.started("a1", job, 1);
     r.exited("a1", job, 1, 0);
