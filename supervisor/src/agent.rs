@@ -86,11 +86,6 @@ impl Agent {
         }
     }
 
-    /// Results waiting for an acknowledgement (for tests and status).
-    pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
-    }
-
     /// Connects, serves, reconnects; returns only when it gives up.
     pub async fn run(mut self) -> Result<(), AgentError> {
         let span = tracing::info_span!("agent", agent.id = %self.options.agent_id);

@@ -139,28 +139,31 @@ fn check_size(text: &str) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-pub fn decode_from_agent(text: &str) -> Result<FromAgent, ProtocolError> {
+/// Decodes one frame: size, JSON, then the version of a first message.
+fn decode<T: serde::de::DeserializeOwned>(
+    text: &str,
+    version: impl Fn(&T) -> Option<u32>,
+) -> Result<T, ProtocolError> {
     check_size(text)?;
-    let msg: FromAgent =
-        serde_json::from_str(text).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if let FromAgent::Hello { v, .. } = &msg {
-        if *v != VERSION {
-            return Err(ProtocolError::Version(*v));
-        }
+    let msg: T = serde_json::from_str(text).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    match version(&msg) {
+        Some(v) if v != VERSION => Err(ProtocolError::Version(v)),
+        _ => Ok(msg),
     }
-    Ok(msg)
+}
+
+pub fn decode_from_agent(text: &str) -> Result<FromAgent, ProtocolError> {
+    decode(text, |msg| match msg {
+        FromAgent::Hello { v, .. } => Some(*v),
+        _ => None,
+    })
 }
 
 pub fn decode_to_agent(text: &str) -> Result<ToAgentMsg, ProtocolError> {
-    check_size(text)?;
-    let msg: ToAgentMsg =
-        serde_json::from_str(text).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if let ToAgentMsg::Welcome { v, .. } = &msg {
-        if *v != VERSION {
-            return Err(ProtocolError::Version(*v));
-        }
-    }
-    Ok(msg)
+    decode(text, |msg| match msg {
+        ToAgentMsg::Welcome { v, .. } => Some(*v),
+        _ => None,
+    })
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> String {

@@ -252,11 +252,13 @@ impl World {
             return Vec::new();
         }
         let (job, attempt) = pending[self.rng.random_range(0..pending.len())];
-        self.agents
-            .get_mut(agent)
-            .expect("agent")
-            .running
-            .insert((job, attempt), true);
+        self.start_run(agent, job, attempt)
+    }
+
+    /// The agent's process for `(job, attempt)` starts, and it says so.
+    fn start_run(&mut self, agent: &'static str, job: JobId, attempt: u32) -> Vec<Effect> {
+        let model = self.agents.get_mut(agent).expect("agent");
+        model.running.insert((job, attempt), true);
         self.h.started(agent, job, attempt)
     }
 
@@ -506,12 +508,7 @@ impl World {
                             self.end_run(job, agent, attempt);
                             self.h.exited(agent, job, attempt, 0)
                         } else {
-                            self.agents
-                                .get_mut(agent)
-                                .expect("agent")
-                                .running
-                                .insert((job, attempt), true);
-                            self.h.started(agent, job, attempt)
+                            self.start_run(agent, job, attempt)
                         }
                     } else {
                         let ((job, attempt), report) = self.agents[agent]

@@ -60,6 +60,18 @@ impl Harness {
         }
     }
 
+    /// The supervisor dies and restarts `after_ms` later: a new harness whose
+    /// core is restored from this one's store (which it keeps).
+    pub fn crash_and_restore(&self, config: CoreConfig, after_ms: u64) -> Harness {
+        let records: Vec<Job> = self.store.values().cloned().collect();
+        let at = self.now + after_ms;
+        let core = Core::restore(config, Millis(at), records, self.core.next_job_id())
+            .expect("the store restores");
+        let mut restored = Harness::from_core(core, at);
+        restored.store = self.store.clone();
+        restored
+    }
+
     pub fn step(&mut self, input: Input) -> Vec<Effect> {
         self.inputs.push((self.now, input.clone()));
         let effects: Vec<Effect> = self.core.handle(Millis(self.now), input).collect();

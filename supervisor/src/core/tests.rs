@@ -852,11 +852,7 @@ fn agent_a_run_lost_in_a_supervisor_crash_is_sent_again_not_given_up() {
     let mut h = harness();
     h.connect("a1", 1);
     let job = h.submit("ana", "basic", cmd(&["x"]));
-    let records: Vec<Job> = h.store.values().cloned().collect();
-    let later = h.now + 1_000;
-    let core = Core::restore(basic_config(), Millis(later), records, h.core.next_job_id()).unwrap();
-    let mut r = Harness::from_core(core, later);
-    r.store = h.store.clone();
+    let mut r = h.crash_and_restore(basic_config(), 1_000);
     let effects = r.connect("a1", 1);
     assert_eq!(
         runs(&effects),
@@ -1064,12 +1060,8 @@ fn restore_after_a_crash_keeps_every_acknowledged_job() {
     h.cancel(done);
 
     // Crash: only the store survives.
-    let records: Vec<Job> = h.store.values().cloned().collect();
     let next = h.core.next_job_id();
-    let core =
-        Core::restore(basic_config(), Millis(h.now + 5_000), records, next).expect("restore");
-    let mut r = Harness::from_core(core, h.now + 5_000);
-    r.store = h.store.clone();
+    let mut r = h.crash_and_restore(basic_config(), 5_000);
     r.core.check_invariants();
     assert_eq!(r.core.queue_position(q1), Some(1));
     assert_eq!(r.core.queue_position(q2), Some(2));
@@ -1127,12 +1119,8 @@ fn restore_an_old_dispatch_waits_for_its_agent_instead_of_timing_out_at_once() {
             ..cmd(&["x"])
         },
     );
-    let records: Vec<Job> = h.store.values().cloned().collect();
     // The supervisor was down far longer than the dispatch timeout.
-    let later = h.now + 3_600_000;
-    let core = Core::restore(basic_config(), Millis(later), records, h.core.next_job_id()).unwrap();
-    let mut r = Harness::from_core(core, later);
-    r.store = h.store.clone();
+    let mut r = h.crash_and_restore(basic_config(), 3_600_000);
     r.connect_with(
         "a1",
         1,

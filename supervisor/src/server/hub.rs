@@ -94,10 +94,6 @@ impl Hub {
         self.conns.lock().expect("hub lock").remove(&conn);
     }
 
-    pub fn connections(&self) -> usize {
-        self.conns.lock().expect("hub lock").len()
-    }
-
     /// Hands `out` to the connection's task; false if it is gone.
     pub fn send(&self, conn: ConnId, out: Outgoing) -> bool {
         let conns = self.conns.lock().expect("hub lock");
