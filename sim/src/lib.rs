@@ -2,9 +2,19 @@
 //! under the madsim simulator (`RUSTFLAGS="--cfg madsim"`, target dir
 //! `target/sim`), where time, network and task order follow a seed.
 //!
+//! - `scenario`: scenarios as data (`scenarios/*.toml`).
+//! - `trace`: the structured trace of a run.
+//! - `checkers`: one passive checker per invariant, fed by the trace.
 //! - `runner`: the simulated `Runner` (jobs that take simulated time).
-//! - `world`: the composer of a world of supervisor, agent and client nodes.
+//! - `world`: the composer of a world and the driver of a scenario.
+//! - `play`: one scenario on one seed, on a fresh runtime and thread.
 
+pub mod checkers;
+#[cfg(madsim)]
+pub mod play;
 pub mod runner;
+pub mod scenario;
+pub mod swarm;
+pub mod trace;
 #[cfg(madsim)]
 pub mod world;

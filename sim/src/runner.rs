@@ -1,48 +1,71 @@
 //! The simulated `Runner`: a job "runs" for a simulated duration and ends
-//! with the exit code and output its environment names. Every run and kill
-//! is recorded, so checkers can ask what really ran where.
+//! with the exit code and output its environment names. Every start and end
+//! goes into the trace, so checkers know what really ran where.
 //!
 //! Job environment read here:
 //! - `SIM_DURATION_MS` (default 1000): how long the process runs;
 //! - `SIM_EXIT_CODE` (default 0);
-//! - `SIM_OUTPUT` (default empty): the output tail.
+//! - `SIM_OUTPUT` (default empty): the output tail;
+//! - `SIM_HANG=1`: it never ends by itself;
+//! - `SIM_CRASH=1`: it dies of SIGSEGV at the end of its duration.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foreman::agent::runner::{RunControl, RunFuture, RunOrder, Runner};
-use foreman::core::{FinishedReport, JobId, Outcome};
+use foreman::core::{FinishedReport, Outcome};
 
-/// What happened to one simulated process.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProcessEnd {
-    Running,
-    Exited(i32),
-    Killed,
-}
-
-/// One simulated process: (job, attempt, agent).
-pub type ProcessKey = (JobId, u32, String);
-
-/// Every simulated process of a world.
-#[derive(Clone, Default)]
-pub struct Processes(Arc<Mutex<BTreeMap<ProcessKey, ProcessEnd>>>);
-
-impl Processes {
-    pub fn snapshot(&self) -> BTreeMap<ProcessKey, ProcessEnd> {
-        self.0.lock().expect("processes lock").clone()
-    }
-
-    fn set(&self, key: ProcessKey, end: ProcessEnd) {
-        self.0.lock().expect("processes lock").insert(key, end);
-    }
-}
+use crate::trace::{Ev, ProcessEnd, Trace};
 
 #[derive(Clone)]
 pub struct SimRunner {
     pub agent: String,
-    pub processes: Processes,
+    pub trace: Trace,
+}
+
+/// Records the end of a process; if the process is dropped unfinished (its
+/// node died), it vanished.
+struct Running {
+    trace: Trace,
+    job: u64,
+    attempt: u32,
+    agent: String,
+    end: Option<ProcessEnd>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.trace.push(Ev::ProcessEnded {
+            job: self.job,
+            attempt: self.attempt,
+            agent: std::mem::take(&mut self.agent),
+            end: self.end.unwrap_or(ProcessEnd::Vanished),
+        });
+    }
+}
+
+/// The job environment that describes a simulated process.
+pub fn process_env(
+    duration_ms: u64,
+    exit_code: i32,
+    output: &str,
+    hang: bool,
+    crash: bool,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("SIM_DURATION_MS".to_string(), duration_ms.to_string())]);
+    if exit_code != 0 {
+        env.insert("SIM_EXIT_CODE".into(), exit_code.to_string());
+    }
+    if !output.is_empty() {
+        env.insert("SIM_OUTPUT".into(), output.to_string());
+    }
+    if hang {
+        env.insert("SIM_HANG".into(), "1".into());
+    }
+    if crash {
+        env.insert("SIM_CRASH".into(), "1".into());
+    }
+    env
 }
 
 impl Runner for SimRunner {
@@ -55,17 +78,41 @@ impl Runner for SimRunner {
             };
             let duration_ms = number("SIM_DURATION_MS", 1000).max(0) as u64;
             let code = number("SIM_EXIT_CODE", 0) as i32;
+            let hang = number("SIM_HANG", 0) != 0;
+            let crash = number("SIM_CRASH", 0) != 0;
             let output = env.get("SIM_OUTPUT").cloned().unwrap_or_default();
-            let key = (order.job, order.attempt, runner.agent.clone());
-            runner.processes.set(key.clone(), ProcessEnd::Running);
+            runner.trace.push(Ev::ProcessStarted {
+                job: order.job.0,
+                attempt: order.attempt,
+                agent: runner.agent.clone(),
+                cpus: order.spec.cpus,
+            });
+            let mut process = Running {
+                trace: runner.trace.clone(),
+                job: order.job.0,
+                attempt: order.attempt,
+                agent: runner.agent.clone(),
+                end: None,
+            };
             let _ = control.started.send(());
             let began = foreman::seam::now();
             let mut kill = control.kill;
-            let (outcome, end) = tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(duration_ms)) => (Outcome::Exited { code }, ProcessEnd::Exited(code)),
+            let run = async {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_millis(duration_ms)).await;
+            };
+            let (outcome, end) = foreman::select! {
+                () = run => if crash {
+                    (Outcome::Signaled { signal: 11 }, ProcessEnd::Crashed)
+                } else {
+                    (Outcome::Exited { code }, ProcessEnd::Exited)
+                },
                 _ = &mut kill => (Outcome::Killed, ProcessEnd::Killed),
             };
-            runner.processes.set(key, end);
+            process.end = Some(end);
+            drop(process);
             FinishedReport {
                 outcome,
                 output_tail: output,

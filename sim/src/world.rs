@@ -1,22 +1,28 @@
-//! The composer: builds a madsim world of one supervisor node (the real
-//! server, with its SQLite store on a per-run file), agent nodes (the real
-//! agent with the simulated runner) and client nodes (the real HTTP
-//! client). Addresses are simulated (the documentation range 192.0.2.0/24);
-//! nothing leaves the process.
+//! The composer and the driver. A world is one supervisor node (the real
+//! server, with its SQLite store on a per-run file that survives a crash),
+//! agent nodes (the real agent with the simulated runner) and a control node
+//! that plays the scenario's workload and fault plan through the real HTTP
+//! client, waits for the world to settle, and lists the end state. Addresses
+//! are simulated (the documentation range 192.0.2.0/24); nothing leaves the
+//! process.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foreman::agent::{Agent, AgentOptions};
 use foreman::client::Client;
-use foreman::core::CoreConfig;
+use foreman::core::{JobId, SubmitSpec};
 use foreman::server::{self, auth, AgentEndpoint, ServerOptions};
 use foreman::store::User;
+use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 
-use crate::runner::{Processes, SimRunner};
+use crate::runner::{process_env, SimRunner};
+use crate::scenario::{Action, Fault, JobPlan, Scenario, Situation, Target};
+use crate::trace::{CoreView, Entry, Ev, ProcessEnd, Trace};
 
 pub const ADMIN_TOKEN: &str = "sim-admin-token";
 pub const AGENT_TOKEN: &str = "sim-agent-token";
@@ -27,48 +33,66 @@ pub fn ip(host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 0, 2, host))
 }
 
-pub struct WorldConfig {
-    pub agents: usize,
-    pub cpus_per_agent: u32,
-    pub core: CoreConfig,
-    pub ping_interval_ms: u64,
-    pub ping_timeout_ms: u64,
-    /// Where this run's database lives (it survives a supervisor restart).
-    pub data_dir: PathBuf,
+pub fn user_token(user: &str) -> String {
+    if user == "admin" {
+        ADMIN_TOKEN.to_string()
+    } else {
+        format!("sim-token-{user}")
+    }
+}
+
+/// madsim's settings for a scenario: its network latency.
+pub fn madsim_config(scenario: &Scenario) -> madsim::Config {
+    let mut config = madsim::Config::default();
+    let [lo, hi] = scenario.topology.latency_ms;
+    config.net.send_latency = Duration::from_millis(lo)..Duration::from_millis(hi.max(lo) + 1);
+    config
 }
 
 pub struct World {
     pub supervisor: NodeHandle,
     pub agents: Vec<NodeHandle>,
-    pub processes: Processes,
     pub api: String,
 }
 
 impl World {
     /// Creates the nodes; they start at once (in simulated time).
-    pub fn build(config: WorldConfig) -> World {
+    pub fn build(scenario: &Scenario, trace: &Trace, data_dir: PathBuf) -> World {
         let handle = Handle::current();
+        let topology = &scenario.topology;
+        let mut users = vec![(
+            User {
+                name: "admin".into(),
+                plan: "premium".into(),
+                admin: true,
+            },
+            auth::sha256_hex(ADMIN_TOKEN),
+        )];
+        for user in &scenario.users {
+            users.push((
+                User {
+                    name: user.name.as_str().into(),
+                    plan: user.plan.as_str().into(),
+                    admin: false,
+                },
+                auth::sha256_hex(&user_token(&user.name)),
+            ));
+        }
         let server_options = ServerOptions {
-            data_dir: config.data_dir.clone(),
-            core: config.core.clone(),
+            data_dir,
+            core: scenario.core.clone(),
             api_addr: SocketAddr::new(ip(1), API_PORT),
             agent_addr: SocketAddr::new(ip(1), AGENT_PORT),
             endpoint: AgentEndpoint {
                 token_sha256: auth::sha256_hex(AGENT_TOKEN).into(),
-                ping_interval_ms: config.ping_interval_ms,
-                ping_timeout_ms: config.ping_timeout_ms,
+                ping_interval_ms: topology.ping_interval_ms,
+                ping_timeout_ms: topology.ping_timeout_ms,
                 hello_timeout_ms: 5_000,
             },
-            bootstrap_users: vec![(
-                User {
-                    name: "admin".into(),
-                    plan: "premium".into(),
-                    admin: true,
-                },
-                auth::sha256_hex(ADMIN_TOKEN),
-            )],
+            bootstrap_users: users,
             journal_segment_bytes_max: 0,
             journal_segments_max: 0,
+            observer: Some(Arc::new(trace.clone())),
         };
         let supervisor = handle
             .create_node()
@@ -77,20 +101,31 @@ impl World {
             .init(move || {
                 let options = server_options.clone();
                 async move {
-                    let running = server::start(options).await.expect("the supervisor starts");
+                    // A restart can come before the simulator has dropped the
+                    // dead node's listeners: retry the bind briefly.
+                    let mut tries = 0;
+                    let running = loop {
+                        match server::start(options.clone()).await {
+                            Ok(running) => break running,
+                            Err(server::StartError::Listen(..)) if tries < 50 => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            Err(e) => panic!("the supervisor does not start: {e}"),
+                        }
+                    };
                     let _ = running.actor.await;
                 }
             })
             .build();
-        let processes = Processes::default();
-        let agents = (0..config.agents)
+        let agents = (0..topology.agents)
             .map(|i| {
-                let name = format!("agent-{i}");
+                let name = agent_name(i);
                 let options = AgentOptions {
                     supervisor: SocketAddr::new(ip(1), AGENT_PORT).to_string(),
                     token: AGENT_TOKEN.to_string(),
                     agent_id: name.clone(),
-                    cpus: config.cpus_per_agent,
+                    cpus: topology.cpus,
                     labels: Default::default(),
                     work_dir: PathBuf::from("/nonexistent/sim"),
                     reconnect_min_ms: 100,
@@ -99,7 +134,7 @@ impl World {
                 };
                 let runner = SimRunner {
                     agent: name.clone(),
-                    processes: processes.clone(),
+                    trace: trace.clone(),
                 };
                 handle
                     .create_node()
@@ -117,15 +152,14 @@ impl World {
         World {
             supervisor,
             agents,
-            processes,
             api: SocketAddr::new(ip(1), API_PORT).to_string(),
         }
     }
 
-    pub fn admin(&self) -> Client {
+    pub fn client(&self, user: &str) -> Client {
         Client {
             timeout: Duration::from_secs(10),
-            ..Client::new(self.api.clone(), ADMIN_TOKEN)
+            ..Client::new(self.api.clone(), user_token(user))
         }
     }
 
@@ -136,5 +170,490 @@ impl World {
             .name(format!("client-{host}"))
             .ip(ip(20 + host))
             .build()
+    }
+}
+
+pub fn agent_name(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+/// Plays a scenario in the current madsim runtime and returns its trace.
+pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
+    let trace = Trace::new();
+    let world = World::build(&scenario, &trace, data_dir);
+    let control = world.client_node(0);
+    let driven = trace.clone();
+    let result = control.spawn(drive(world, scenario, driven)).await;
+    if let Err(e) = result {
+        trace.push(Ev::Settled {
+            ok: false,
+            detail: format!("the control node failed: {e}"),
+        });
+    }
+    trace.entries()
+}
+
+/// Shared between the control node's tasks: the ids the clients were given.
+type Ids = Arc<Mutex<BTreeMap<String, JobId>>>;
+
+async fn sleep_until_ms(trace: &Trace, at_ms: u64) {
+    let now = trace.now();
+    if at_ms > now {
+        tokio::time::sleep(Duration::from_millis(at_ms - now)).await;
+    }
+}
+
+async fn drive(world: World, scenario: Arc<Scenario>, trace: Trace) {
+    let world = Arc::new(world);
+    let ids: Ids = Arc::default();
+    let mut tasks = Vec::new();
+    for job in scenario.jobs.clone() {
+        let (world, trace, ids) = (world.clone(), trace.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            sleep_until_ms(&trace, job.at_ms).await;
+            submit(&world, &trace, &ids, &job).await;
+        }));
+    }
+    // Faults on nodes and links fire in the plan's order; cancels each wait
+    // for their own moment.
+    let mut plan: Vec<Fault> = scenario
+        .faults
+        .iter()
+        .filter(|f| f.action != Action::Cancel)
+        .cloned()
+        .collect();
+    plan.sort_by_key(|f| f.at_ms);
+    let down = Arc::new(Mutex::new(Down::default()));
+    {
+        let (world, trace, down, ids) = (world.clone(), trace.clone(), down.clone(), ids.clone());
+        let bound = scenario.expect.settle_ms;
+        tasks.push(tokio::spawn(async move {
+            for mut fault in plan {
+                sleep_until_ms(&trace, fault.at_ms).await;
+                if let Some(job) = fault.job.take() {
+                    match agent_of(&trace, &ids, &job, bound).await {
+                        Some(agent) => fault.agent = Some(Target::One(agent)),
+                        None => {
+                            trace.push(Ev::Fault {
+                                what: format!(
+                                    "{:?} on {job}'s agent: {job} never ran",
+                                    fault.action
+                                ),
+                            });
+                            continue;
+                        }
+                    }
+                }
+                apply(&world, &trace, &down, &fault);
+            }
+        }));
+    }
+    for fault in scenario
+        .faults
+        .iter()
+        .filter(|f| f.action == Action::Cancel)
+    {
+        let (world, trace, ids, fault) = (world.clone(), trace.clone(), ids.clone(), fault.clone());
+        let owner = scenario
+            .jobs
+            .iter()
+            .find(|j| Some(&j.name) == fault.job.as_ref())
+            .map(|j| j.user.clone())
+            .unwrap_or_else(|| "admin".into());
+        let bound = scenario.expect.settle_ms;
+        tasks.push(tokio::spawn(async move {
+            sleep_until_ms(&trace, fault.at_ms).await;
+            cancel(&world, &trace, &ids, &fault, &owner, bound).await;
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    settle(&world, &scenario, &trace, &ids, &down).await;
+    finals(&world, &trace).await;
+}
+
+/// Retries a submission (with the job's name as idempotency key, as a
+/// careful client would) until it is acknowledged, for at most a minute.
+async fn submit(world: &World, trace: &Trace, ids: &Ids, job: &JobPlan) {
+    let client = world.client(&job.user);
+    let mut env = process_env(
+        job.duration_ms,
+        job.exit_code,
+        &job.output,
+        job.hang,
+        job.crash,
+    );
+    env.insert("SIM_NAME".into(), job.name.clone());
+    let spec = SubmitSpec {
+        env,
+        kind: job.kind.clone(),
+        cpus: job.cpus,
+        max_run_secs: job.max_run_secs,
+        max_attempts: job.max_attempts,
+        idempotency_key: Some(job.name.clone()),
+        ..SubmitSpec::command(["simulated"])
+    };
+    let deadline = trace.now() + 60_000;
+    loop {
+        match client.submit(&spec).await {
+            Ok(view) => {
+                ids.lock()
+                    .expect("ids")
+                    .insert(job.name.clone(), view.job.id);
+                trace.push(Ev::Acked {
+                    name: job.name.clone(),
+                    job: view.job.id.0,
+                });
+                return;
+            }
+            Err(e) => {
+                trace.push(Ev::SubmitFailed {
+                    name: job.name.clone(),
+                    error: e.to_string(),
+                });
+                if trace.now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The agent that runs `job`'s latest attempt, once it has started (waiting
+/// for at most `bound` ms).
+async fn agent_of(trace: &Trace, ids: &Ids, job: &str, bound: u64) -> Option<usize> {
+    let deadline = trace.now() + bound;
+    loop {
+        let id = ids.lock().expect("ids").get(job).copied();
+        if let Some(id) = id {
+            let agent = trace.with(|entries| {
+                entries.iter().rev().find_map(|e| match &e.ev {
+                    Ev::ProcessStarted { job, agent, .. } if *job == id.0 => Some(agent.clone()),
+                    _ => None,
+                })
+            });
+            if let Some(agent) = agent {
+                return agent.strip_prefix("agent-").and_then(|n| n.parse().ok());
+            }
+        }
+        if trace.now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// What the job looks like in the trace so far.
+fn situation_of(trace: &Trace, job: JobId) -> Option<Situation> {
+    use foreman::core::EventKind as K;
+    trace.with(|entries| {
+        let mut now = None;
+        let mut agent: Option<String> = None;
+        let mut agent_away = false;
+        for e in entries {
+            match &e.ev {
+                Ev::Core {
+                    kind,
+                    job: Some(j),
+                    agent: a,
+                    ..
+                } if *j == job.0 => match kind {
+                    K::Submitted | K::Requeued => {
+                        now = Some(Situation::WaitingForSlot);
+                        agent = None;
+                    }
+                    K::Dispatched => {
+                        now = Some(Situation::Dispatched);
+                        agent = a.clone();
+                        agent_away = false;
+                    }
+                    K::Started => now = Some(Situation::Running),
+                    K::Ended => return None,
+                    _ => {}
+                },
+                Ev::Core {
+                    kind: K::AgentDisconnected | K::AgentLost,
+                    agent: Some(a),
+                    ..
+                } if agent.as_ref() == Some(a) => agent_away = true,
+                Ev::Core {
+                    kind: K::AgentConnected,
+                    agent: Some(a),
+                    ..
+                } if agent.as_ref() == Some(a) => agent_away = false,
+                _ => {}
+            }
+        }
+        if agent_away && matches!(now, Some(Situation::Dispatched | Situation::Running)) {
+            return Some(Situation::AgentReconnecting);
+        }
+        now
+    })
+}
+
+async fn cancel(world: &World, trace: &Trace, ids: &Ids, fault: &Fault, owner: &str, bound: u64) {
+    let name = fault.job.clone().unwrap_or_default();
+    let deadline = trace.now() + bound;
+    // Wait for the job to be acknowledged and, if asked, in its situation.
+    let job = loop {
+        let id = ids.lock().expect("ids").get(&name).copied();
+        if let Some(id) = id {
+            match fault.when {
+                None => break id,
+                Some(want) if situation_of(trace, id) == Some(want) => break id,
+                Some(_) => {}
+            }
+        }
+        if trace.now() >= deadline {
+            trace.push(Ev::Fault {
+                what: format!("cancel {name}: its moment never came"),
+            });
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    trace.push(Ev::Fault {
+        what: match fault.when {
+            Some(when) => format!("cancel {name} ({when:?})"),
+            None => format!("cancel {name}"),
+        },
+    });
+    let client = world.client(owner);
+    while trace.now() < deadline {
+        if client.cancel(job).await.is_ok() {
+            trace.push(Ev::CancelSent {
+                name: name.clone(),
+                job: job.0,
+            });
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Nodes that are down, so that settling knows which agents to wait for.
+#[derive(Default)]
+struct Down {
+    killed: std::collections::BTreeSet<usize>,
+    paused: std::collections::BTreeSet<usize>,
+    supervisor: bool,
+}
+
+fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
+    let handle = Handle::current();
+    let net = NetSim::current();
+    let sup = world.supervisor.id();
+    let mut down = down.lock().expect("down");
+    let targets = fault
+        .agent
+        .as_ref()
+        .map(|t| t.agents(world.agents.len()))
+        .unwrap_or_default();
+    for &i in &targets {
+        let node = world.agents[i].id();
+        match fault.action {
+            Action::PauseAgent => trace.push(Ev::Frozen {
+                agent: agent_name(i),
+            }),
+            Action::ResumeAgent if down.paused.contains(&i) => trace.push(Ev::Thawed {
+                agent: agent_name(i),
+            }),
+            _ => {}
+        }
+        match fault.action {
+            Action::KillAgent => {
+                handle.kill(node);
+                down.killed.insert(i);
+            }
+            Action::RestartAgent => {
+                // madsim's restart alone keeps a live node's sockets; a
+                // restart is a crash and a fresh start.
+                handle.kill(node);
+                handle.restart(node);
+                down.killed.remove(&i);
+                down.paused.remove(&i);
+            }
+            Action::PauseAgent => {
+                handle.pause(node);
+                down.paused.insert(i);
+            }
+            Action::ResumeAgent => {
+                handle.resume(node);
+                down.paused.remove(&i);
+            }
+            Action::Partition => {
+                net.clog_link(node, sup);
+                net.clog_link(sup, node);
+            }
+            Action::Heal => {
+                net.unclog_link(node, sup);
+                net.unclog_link(sup, node);
+            }
+            Action::DropPings => net.clog_link(node, sup),
+            Action::RestorePings => net.unclog_link(node, sup),
+            _ => {}
+        }
+    }
+    match fault.action {
+        Action::Latency => {
+            let [lo, hi] = fault.latency_ms.unwrap_or([1, 5]);
+            net.update_config(|c| {
+                c.send_latency = Duration::from_millis(lo)..Duration::from_millis(hi + 1);
+            });
+        }
+        Action::CrashSupervisor => {
+            handle.kill(sup);
+            trace.forget_core();
+            down.supervisor = true;
+        }
+        Action::RestartSupervisor => {
+            handle.kill(sup);
+            trace.forget_core();
+            handle.restart(sup);
+            down.supervisor = false;
+        }
+        _ => {}
+    }
+    let on = if targets.len() == world.agents.len() && targets.len() > 1 {
+        " all agents".to_string()
+    } else {
+        targets
+            .iter()
+            .map(|i| format!(" {}", agent_name(*i)))
+            .collect()
+    };
+    trace.push(Ev::Fault {
+        what: format!("{:?}{on}", fault.action),
+    });
+}
+
+/// Waits, for at most the scenario's bound, until every job is terminal,
+/// every agent that is up is connected and idle, and no process runs on
+/// one.
+async fn settle(world: &World, scenario: &Scenario, trace: &Trace, ids: &Ids, down: &Mutex<Down>) {
+    let began = trace.now();
+    let deadline = began + scenario.expect.settle_ms;
+    loop {
+        let (up, supervisor_down, up_names) = {
+            let down = down.lock().expect("down");
+            let up: Vec<usize> = (0..world.agents.len())
+                .filter(|i| !down.killed.contains(i) && !down.paused.contains(i))
+                .collect();
+            let names: Vec<String> = up.iter().map(|i| agent_name(*i)).collect();
+            (up.len(), down.supervisor, names)
+        };
+        let view = trace.core_view().unwrap_or(CoreView {
+            connected_agents: 0,
+            cpus_used: u32::MAX,
+            live_jobs: usize::MAX,
+        });
+        let acked = ids.lock().expect("ids").len();
+        let running = running_processes(trace, &up_names);
+        let submitted = acked == scenario.jobs.len();
+        let ok = !supervisor_down
+            && submitted
+            && view.live_jobs == 0
+            && view.cpus_used == 0
+            && view.connected_agents == up
+            && running == 0;
+        if ok || trace.now() >= deadline {
+            trace.push(Ev::Settled {
+                ok,
+                detail: format!(
+                    "after {} ms: acked {acked}/{} jobs, {} live in the core, {} cpus used, {}/{up} agents connected, {running} processes running{}",
+                    trace.now() - began,
+                    scenario.jobs.len(),
+                    view.live_jobs,
+                    view.cpus_used,
+                    view.connected_agents,
+                    if supervisor_down { ", supervisor down" } else { "" }
+                ),
+            });
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn running_processes(trace: &Trace, agents: &[String]) -> usize {
+    trace.with(|entries| {
+        let mut running = std::collections::BTreeSet::new();
+        for e in entries {
+            match &e.ev {
+                Ev::ProcessStarted {
+                    job,
+                    attempt,
+                    agent,
+                    ..
+                } => {
+                    running.insert((*job, *attempt, agent.clone()));
+                }
+                Ev::ProcessEnded {
+                    job,
+                    attempt,
+                    agent,
+                    end:
+                        ProcessEnd::Exited
+                        | ProcessEnd::Crashed
+                        | ProcessEnd::Killed
+                        | ProcessEnd::Vanished,
+                } => {
+                    running.remove(&(*job, *attempt, agent.clone()));
+                }
+                _ => {}
+            }
+        }
+        running
+            .iter()
+            .filter(|(_, _, a)| agents.contains(a))
+            .count()
+    })
+}
+
+/// Every job as the API lists it, into the trace.
+async fn finals(world: &World, trace: &Trace) {
+    let admin = world.client("admin");
+    let mut before: Option<u64> = None;
+    let mut jobs = Vec::new();
+    loop {
+        let query = match before {
+            Some(b) => format!("limit=1000&before={b}"),
+            None => "limit=1000".to_string(),
+        };
+        // The supervisor may have just restarted: retry for a while.
+        let deadline = trace.now() + 30_000;
+        let page = loop {
+            match admin.jobs(&query).await {
+                Ok(page) => break page,
+                Err(e) if trace.now() >= deadline => {
+                    trace.push(Ev::Settled {
+                        ok: false,
+                        detail: format!("the final listing failed: {e}"),
+                    });
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
+        let Some(last) = page.iter().map(|j| j.id.0).min() else {
+            break;
+        };
+        let full = page.len() == 1000;
+        jobs.extend(page);
+        if !full {
+            break;
+        }
+        before = Some(last);
+    }
+    jobs.sort_by_key(|j| j.id);
+    for job in jobs {
+        trace.push(Ev::Final {
+            job: job.id.0,
+            name: job.spec.env.get("SIM_NAME").cloned().unwrap_or_default(),
+            state: job.state,
+            attempts: job.attempts.len(),
+        });
     }
 }

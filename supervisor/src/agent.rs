@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn, Instrument};
 
-use crate::core::{AttemptReport, FinishedReport, JobId, Outcome};
+use crate::core::{AttemptReport, FinishedReport, JobId, Millis, Outcome};
 use crate::protocol::{self, FromAgent, ToAgentMsg};
 
 pub use runner::{ProcessRunner, RunControl, RunOrder, Runner};
@@ -60,6 +60,14 @@ pub struct Agent {
     outbox: BTreeMap<Key, FinishedReport>,
     events_tx: mpsc::UnboundedSender<RunEvent>,
     events: mpsc::UnboundedReceiver<RunEvent>,
+    /// From the latest welcome: how long runs may outlive a lost connection.
+    fence_ms: Option<u64>,
+    /// When the latest welcomed connection was last heard from, once it is
+    /// lost (until fenced): a connection is lost from its last sign of life,
+    /// not from when its loss is noticed (a host frozen for minutes notices
+    /// late).
+    lost_since: Option<Millis>,
+    last_heard: Millis,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +91,33 @@ impl Agent {
             outbox: BTreeMap::new(),
             events_tx,
             events,
+            fence_ms: None,
+            lost_since: None,
+            last_heard: Millis(0),
         }
+    }
+
+    /// When the runs must be killed, if the connection is lost.
+    fn fence_due(&self) -> Option<Millis> {
+        self.lost_since
+            .zip(self.fence_ms)
+            .map(|(since, fence)| since.plus_ms(fence))
+    }
+
+    /// The supervisor has given up this agent's runs by now (or is about
+    /// to): kill them, so that none runs beside its replacement elsewhere.
+    /// Their results go to the outbox as usual.
+    fn fence(&mut self) {
+        let mut killed = 0;
+        for kill in self.running.values_mut().filter_map(|r| r.kill.take()) {
+            let _ = kill.send(());
+            killed += 1;
+        }
+        warn!(
+            fence_ms = self.fence_ms,
+            killed, "supervisor out of reach past the fence; killing the runs it has given up"
+        );
+        self.lost_since = None;
     }
 
     /// Connects, serves, reconnects; returns only when it gives up.
@@ -96,6 +130,7 @@ impl Agent {
                 match self.session().await {
                     Ok(Ended::Lost(why)) => {
                         info!(%why, "connection lost; reconnecting");
+                        self.lost_since = Some(self.last_heard);
                         let steady = crate::seam::now().ms_since(began) >= SESSION_STEADY_MS;
                         failures = if steady { 1 } else { failures + 1 };
                     }
@@ -114,10 +149,14 @@ impl Agent {
                 let sleep = tokio::time::sleep(Duration::from_millis(wait));
                 tokio::pin!(sleep);
                 loop {
-                    tokio::select! {
+                    let fence = self.fence_due();
+                    crate::select! {
                         () = &mut sleep => break,
                         Some(event) = self.events.recv() => {
                             self.absorb(event);
+                        }
+                        () = crate::seam::sleep_until(fence.unwrap_or_default()), if fence.is_some() => {
+                            self.fence();
                         }
                     }
                 }
@@ -172,37 +211,23 @@ impl Agent {
 
     /// One connection, from connect to loss. `Err` if it never got welcomed.
     async fn session(&mut self) -> Result<Ended, String> {
-        let bound = Duration::from_millis(CONNECT_TIMEOUT_MS);
-        let stream = tokio::time::timeout(bound, TcpStream::connect(&self.options.supervisor))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let _ = stream.set_nodelay(true);
-        let url = format!("ws://{}/agent", self.options.supervisor);
-        let handshake = tokio_tungstenite::client_async_with_config(
-            url,
-            stream,
-            Some(crate::server::agents::ws_config()),
-        );
-        let (ws, _) = tokio::time::timeout(bound, handshake)
-            .await
-            .map_err(|_| "websocket handshake timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let (mut sink, mut frames) = ws.split();
-        sink.send(Message::text(protocol::encode(&self.hello())))
-            .await
-            .map_err(|e| e.to_string())?;
-        let silence_ms = match tokio::time::timeout(bound, frames.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => match protocol::decode_to_agent(text.as_str()) {
-                Ok(ToAgentMsg::Welcome {
-                    ping_timeout_ms, ..
-                }) => ping_timeout_ms,
-                Ok(other) => return Err(format!("expected a welcome, got {other:?}")),
-                Err(e) => return Err(e.to_string()),
+        let connect = connect(self.options.supervisor.clone(), self.hello());
+        let (mut sink, mut frames, welcome) = match self.fence_due() {
+            Some(due) => crate::select! {
+                connected = connect => connected?,
+                () = crate::seam::sleep_until(due) => {
+                    self.fence();
+                    return Err("still connecting at the fence".into());
+                }
             },
-            Ok(other) => return Err(format!("no welcome: {other:?}")),
-            Err(_) => return Err("no welcome in time".to_string()),
+            None => connect.await?,
         };
+        let Welcome {
+            ping_timeout_ms: silence_ms,
+            fence_ms,
+        } = welcome;
+        self.fence_ms = fence_ms;
+        self.lost_since = None;
         info!("connected");
         // Results finished while away go now, one frame each.
         for (key, report) in self.outbox.clone() {
@@ -214,11 +239,13 @@ impl Agent {
         // The supervisor pings every ping_interval_ms: silence longer than its
         // ping timeout means the connection is dead even if TCP says nothing.
         let mut last_heard = crate::seam::now();
+        self.last_heard = last_heard;
         let mut watchdog = tokio::time::interval(Duration::from_millis((silence_ms / 4).max(10)));
         loop {
-            tokio::select! {
+            crate::select! {
                 frame = frames.next() => {
                     last_heard = crate::seam::now();
+                    self.last_heard = last_heard;
                     match frame {
                         Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
                             Ok(msg) => {
@@ -343,6 +370,61 @@ impl Agent {
             }
         }
     }
+}
+
+/// What the agent keeps of a welcome.
+struct Welcome {
+    ping_timeout_ms: u64,
+    fence_ms: Option<u64>,
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<TcpStream>;
+type WsSink = futures_util::stream::SplitSink<WsStream, Message>;
+type WsFrames = futures_util::stream::SplitStream<WsStream>;
+
+/// Connects, upgrades, says hello and waits for the welcome, each step
+/// bounded.
+async fn connect(
+    supervisor: String,
+    hello: FromAgent,
+) -> Result<(WsSink, WsFrames, Welcome), String> {
+    let bound = Duration::from_millis(CONNECT_TIMEOUT_MS);
+    let stream = tokio::time::timeout(bound, TcpStream::connect(&supervisor))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let url = format!("ws://{supervisor}/agent");
+    let handshake = tokio_tungstenite::client_async_with_config(
+        url,
+        stream,
+        Some(crate::server::agents::ws_config()),
+    );
+    let (ws, _) = tokio::time::timeout(bound, handshake)
+        .await
+        .map_err(|_| "websocket handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (mut sink, mut frames) = ws.split();
+    sink.send(Message::text(protocol::encode(&hello)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let welcome = match tokio::time::timeout(bound, frames.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => match protocol::decode_to_agent(text.as_str()) {
+            Ok(ToAgentMsg::Welcome {
+                ping_timeout_ms,
+                fence_ms,
+                ..
+            }) => Welcome {
+                ping_timeout_ms,
+                fence_ms,
+            },
+            Ok(other) => return Err(format!("expected a welcome, got {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        },
+        Ok(other) => return Err(format!("no welcome: {other:?}")),
+        Err(_) => return Err("no welcome in time".to_string()),
+    };
+    Ok((sink, frames, welcome))
 }
 
 fn finished_msg(key: Key, report: FinishedReport) -> FromAgent {

@@ -403,6 +403,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             * 1024
             * 1024,
         journal_segments_max: args.journal_segments.or(file.journal_segments).unwrap_or(8),
+        observer: None,
     };
     let running = server::start(options).await.map_err(|e| e.to_string())?;
     let server_file = ServerFile {
@@ -431,7 +432,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     for i in 0..local_agents {
         tokio::spawn(local_agent(i, running.agent_addr, data_dir.clone()));
     }
-    tokio::select! {
+    foreman::select! {
         _ = running.actor => Err("the scheduler stopped (see the log above)".to_string()),
         _ = tokio::signal::ctrl_c() => {
             println!("foreman: interrupted; stopping");

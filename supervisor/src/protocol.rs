@@ -55,6 +55,11 @@ pub enum ToAgentMsg {
         v: u32,
         ping_interval_ms: u64,
         ping_timeout_ms: u64,
+        /// Once its connection is lost, the agent kills its runs if it is
+        /// not back within this long (the supervisor will have given them
+        /// up). Absent: the agent never fences.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fence_ms: Option<u64>,
     },
     Run {
         job: JobId,

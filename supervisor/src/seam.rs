@@ -56,3 +56,21 @@ pub fn random_u64() -> u64 {
         getrandom::u64().unwrap_or(0)
     }
 }
+
+/// `tokio::select!`, with its branches tried in the written order in a
+/// simulation. tokio picks a random start branch from a per-thread generator
+/// seeded with a process-wide counter, which the simulator does not control:
+/// two runs of one seed in one process would differ. Outside a simulation
+/// it is `tokio::select!` as is (random start, so no branch starves).
+#[cfg(madsim)]
+#[macro_export]
+macro_rules! select {
+    ($($branches:tt)*) => { ::tokio::select! { biased; $($branches)* } };
+}
+
+/// `tokio::select!` (see the simulation build's version of this macro).
+#[cfg(not(madsim))]
+#[macro_export]
+macro_rules! select {
+    ($($branches:tt)*) => { ::tokio::select! { $($branches)* } };
+}

@@ -36,6 +36,8 @@ pub struct ServerOptions {
     /// The journal's bounds: bytes per segment, and old segments kept (0: no journal).
     pub journal_segment_bytes_max: u64,
     pub journal_segments_max: usize,
+    /// A tap on the core (the simulator's trace and checks); none in production.
+    pub observer: Option<Arc<dyn executor::Observer>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,7 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         store: writer,
         hub: hub.clone(),
         journal,
+        observer: options.observer.clone(),
     };
     let (core_handle, actor) = actor::spawn(core, executor, 4096);
     let api_listener = TcpListener::bind(options.api_addr)
@@ -142,6 +145,7 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     tokio::spawn(agents::serve(
         agent_listener,
         options.endpoint.clone(),
+        agents::fence_ms(options.core.agent_grace_ms, &options.endpoint),
         core_handle.clone(),
         hub,
     ));

@@ -3,6 +3,8 @@
 //!   cargo xtask test    formatting, clippy and every test, normal then simulation mode
 //!   cargo xtask bench   the core benchmark (criterion), release build
 //!   cargo xtask load    load runs against a real supervisor (release build)
+//!   cargo xtask sim     the testbed CLI, `foreman-sim` (simulation build, release)
+//!   cargo xtask fuzz    same as `cargo xtask sim fuzz`
 
 use std::env;
 use std::io::{BufRead, BufReader};
@@ -17,8 +19,10 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("load") => load(&args[1..]),
+        Some("sim") => sim(&args[1..]),
+        Some("fuzz") => sim(&[&["fuzz".to_string()], &args[1..]].concat()),
         _ => {
-            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|processes|memory]...");
+            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|processes|memory]... | sim run|fuzz ... | fuzz ...");
             return ExitCode::from(2);
         }
     };
@@ -155,8 +159,24 @@ fn test() -> Result<(), String> {
             Some(&mut tally),
         )
     });
+    // A swarm fuzz smoke over the real server and agents (release build:
+    // the same seeds run several times faster).
+    let fuzz = simulation.and_then(|()| {
+        let smoke = sim(&["fuzz", "--seeds", "1000", "--quiet"].map(String::from));
+        match &smoke {
+            Ok(()) => tally.passed += 1,
+            Err(_) => tally.failed += 1,
+        }
+        smoke
+    });
     println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
-    simulation
+    fuzz
+}
+
+fn sim(args: &[String]) -> Result<(), String> {
+    let mut all = vec!["run", "--release", "--quiet", "-p", "foreman-sim", "--"];
+    all.extend(args.iter().map(String::as_str));
+    cargo(Mode::Simulation, &all, &[])
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {

@@ -129,7 +129,7 @@ impl ProcessRunner {
         }
         let _ = control.started.send(());
         let mut kill = control.kill;
-        let (status, killed) = tokio::select! {
+        let (status, killed) = crate::select! {
             status = child.wait() => (status, false),
             _ = &mut kill => {
                 signal_group(group, nix::sys::signal::Signal::SIGTERM);

@@ -30,6 +30,15 @@ pub struct AgentEndpoint {
     pub hello_timeout_ms: u64,
 }
 
+/// How long an agent that lost its connection may keep running its jobs:
+/// the supervisor gives them up `agent_grace_ms` after it notices the loss,
+/// and the agent may notice up to a ping interval later (plus a message's
+/// way), so the agent must have killed them by then or a job could run
+/// twice. Two ping intervals of margin; zero means "at once".
+pub fn fence_ms(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> u64 {
+    agent_grace_ms.saturating_sub(2 * endpoint.ping_interval_ms)
+}
+
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(protocol::FRAME_BYTES_MAX))
@@ -39,6 +48,7 @@ pub fn ws_config() -> WebSocketConfig {
 pub async fn serve(
     listener: TcpListener,
     endpoint: AgentEndpoint,
+    fence_ms: u64,
     core: CoreHandle,
     hub: Arc<Hub>,
 ) {
@@ -46,11 +56,17 @@ pub async fn serve(
         let (stream, peer) = super::accept(&listener, "agent").await;
         let (endpoint, core, hub) = (endpoint.clone(), core.clone(), hub.clone());
         let span = tracing::info_span!("agent_conn", peer = %peer);
-        tokio::spawn(connection(stream, endpoint, core, hub).instrument(span));
+        tokio::spawn(connection(stream, endpoint, fence_ms, core, hub).instrument(span));
     }
 }
 
-async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle, hub: Arc<Hub>) {
+async fn connection(
+    stream: TcpStream,
+    endpoint: AgentEndpoint,
+    fence_ms: u64,
+    core: CoreHandle,
+    hub: Arc<Hub>,
+) {
     let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config()));
     let ws = match tokio::time::timeout(Duration::from_millis(endpoint.hello_timeout_ms), handshake)
         .await
@@ -110,6 +126,7 @@ async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle
             v: protocol::VERSION,
             ping_interval_ms: endpoint.ping_interval_ms,
             ping_timeout_ms: endpoint.ping_timeout_ms,
+            fence_ms: Some(fence_ms),
         };
         let reason = if sink.send(Message::text(protocol::encode(&welcome))).await.is_err() {
             GoneReason::Closed
@@ -124,7 +141,7 @@ async fn connection(stream: TcpStream, endpoint: AgentEndpoint, core: CoreHandle
             let mut ping = tokio::time::interval(Duration::from_millis(endpoint.ping_interval_ms));
             let mut last_heard = seam::now();
             loop {
-                tokio::select! {
+                crate::select! {
                     frame = frames.next() => {
                         last_heard = seam::now();
                         match frame {

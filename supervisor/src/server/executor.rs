@@ -18,12 +18,29 @@ pub struct ServerExecutor {
     pub store: Store,
     pub hub: Arc<Hub>,
     pub journal: Option<Journal>,
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// A passive tap on the core, for the simulator: it sees the core after
+/// every step and every event once its batch is committed. Production runs
+/// have none.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// The core just handled an input.
+    fn handled(&self, core: &Core);
+    /// An event of a committed batch, in order.
+    fn event(&self, event: &Event);
 }
 
 impl Executor for ServerExecutor {
     fn record(&mut self, now: Millis, input: &Input, core: &Core) {
         if let Some(journal) = &mut self.journal {
             journal.record(now, input, core);
+        }
+    }
+
+    fn handled(&mut self, core: &Core) {
+        if let Some(observer) = &self.observer {
+            observer.handled(core);
         }
     }
 
@@ -64,7 +81,12 @@ impl Executor for ServerExecutor {
                     self.hub.send(conn, Outgoing::Close(reason));
                 }
                 Effect::Reply { request, reply } => self.hub.reply(request, reply),
-                Effect::Event(event) => log_event(&event),
+                Effect::Event(event) => {
+                    log_event(&event);
+                    if let Some(observer) = &self.observer {
+                        observer.event(&event);
+                    }
+                }
             }
         }
     }

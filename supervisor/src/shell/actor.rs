@@ -29,6 +29,10 @@ pub trait Executor: Send + 'static {
 
     /// Sees every input just before the core handles it (the journal).
     fn record(&mut self, _now: crate::core::Millis, _input: &Input, _core: &Core) {}
+
+    /// Sees the core just after it handled an input (the simulator's
+    /// invariant checks).
+    fn handled(&mut self, _core: &Core) {}
 }
 
 /// An executor that passes every batch on to a channel, for tests.
@@ -88,7 +92,7 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
     let mut effects: Vec<Effect> = Vec::new();
     loop {
         let deadline = core.next_deadline();
-        let first = tokio::select! {
+        let first = crate::select! {
             command = rx.recv() => match command {
                 Some(command) => Some(command),
                 None => break,
@@ -100,6 +104,7 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
             None => {
                 executor.record(now, &Input::Tick, &core);
                 effects.extend(core.handle(now, Input::Tick));
+                executor.handled(&core);
             }
             Some(command) => {
                 let mut next = Some(command);
@@ -109,6 +114,7 @@ async fn run(mut core: Core, mut rx: mpsc::Receiver<Command>, mut executor: impl
                         Command::Input(input) => {
                             executor.record(now, &input, &core);
                             effects.extend(core.handle(now, input));
+                            executor.handled(&core);
                             inputs += 1;
                         }
                         Command::Query(read) => {

@@ -1,0 +1,389 @@
+//! The commands of `foreman-sim`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use foreman_sim::play::{run, RunResult, Verdict};
+use foreman_sim::scenario::Scenario;
+use foreman_sim::trace::first_divergence;
+
+/// Exit code for bad usage or an unreadable scenario.
+const USAGE: i32 = 64;
+
+#[derive(Parser)]
+#[command(name = "foreman-sim", about = "Foreman's deterministic testbed")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs scenario files (or every scenario in a directory) on a seed.
+    Run {
+        /// Scenario files or directories of them.
+        #[arg(required = true)]
+        scenarios: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Writes the trace (JSON lines) here; with several scenarios, a directory.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Runs each seed twice and reports the first divergence.
+        #[arg(long)]
+        twice: bool,
+    },
+    /// Swarm fuzzing: each seed is its own world and fault mix.
+    Fuzz {
+        /// How many seeds.
+        #[arg(long, conflicts_with = "time")]
+        seeds: Option<u64>,
+        /// For how long, e.g. 90s, 10m, 1h.
+        #[arg(long)]
+        time: Option<String>,
+        /// The first seed.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Runs in parallel (default: the machine's cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Where failures are saved.
+        #[arg(long, default_value = "target/sim-failures")]
+        out: PathBuf,
+        /// Replays one seed only, printing its knobs and verdict.
+        #[arg(long, conflicts_with_all = ["seeds", "time"])]
+        seed: Option<u64>,
+        /// No progress bar (a line per thousand seeds instead).
+        #[arg(long)]
+        quiet: bool,
+        /// Runs every Nth seed twice and fails on any difference (0: never).
+        #[arg(long, default_value_t = 50)]
+        recheck: u64,
+    },
+}
+
+pub fn main() -> i32 {
+    // Logs of the supervisor and agents, when asked for (FOREMAN_LOG=info).
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("FOREMAN_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { USAGE } else { 0 };
+        }
+    };
+    match cli.command {
+        Command::Run {
+            scenarios,
+            seed,
+            trace,
+            twice,
+        } => run_scenarios(&scenarios, seed, trace.as_deref(), twice),
+        Command::Fuzz {
+            seeds,
+            time,
+            from,
+            jobs,
+            out,
+            seed,
+            quiet,
+            recheck,
+        } => {
+            if let Some(seed) = seed {
+                return fuzz_one(seed, &out);
+            }
+            let time = match time.as_deref().map(parse_duration) {
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => {
+                    eprintln!("--time: {e}");
+                    return USAGE;
+                }
+                None => None,
+            };
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            fuzz(
+                Campaign {
+                    from,
+                    seeds,
+                    time,
+                    jobs: jobs.max(1),
+                    recheck,
+                },
+                &out,
+                quiet,
+            )
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: a number then s, m or h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{text:?}: a number then s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Scenario files named, directories expanded (sorted).
+fn scenario_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn print_result(label: &str, result: &RunResult) {
+    println!(
+        "{label}: {} (seed {}, {:.1} simulated s in {:.2} s, {}x real time, {} trace entries)",
+        result.verdict().as_str(),
+        result.seed,
+        result.sim_ms as f64 / 1000.0,
+        result.wall.as_secs_f64(),
+        (result.sim_ms as f64 / 1000.0 / result.wall.as_secs_f64().max(1e-9)) as u64,
+        result.trace.len()
+    );
+    if let Some(crash) = &result.crash {
+        println!("  crash: {crash}");
+    }
+    for v in &result.violations {
+        println!("  {v}");
+    }
+}
+
+fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool) -> i32 {
+    let files = match scenario_files(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("{e}");
+            return USAGE;
+        }
+    };
+    let mut worst = Verdict::Pass;
+    for file in &files {
+        let scenario = match Scenario::load(file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return USAGE;
+            }
+        };
+        let result = run(&scenario, seed);
+        print_result(&scenario.name, &result);
+        let mut verdict = result.verdict();
+        if twice {
+            let again = run(&scenario, seed);
+            if let Some(diff) = first_divergence(&result.trace, &again.trace, 5) {
+                println!("  nondeterministic: {diff}");
+                verdict = verdict.max(Verdict::Nondeterminism);
+            } else {
+                println!(
+                    "  the second run gave the same {} entries",
+                    again.trace.len()
+                );
+            }
+        }
+        if let Some(path) = trace {
+            let target = if files.len() > 1 {
+                let _ = std::fs::create_dir_all(path);
+                path.join(format!("{}.jsonl", scenario.name))
+            } else {
+                path.to_path_buf()
+            };
+            if let Err(e) = std::fs::write(&target, result.trace_jsonl()) {
+                eprintln!("{}: {e}", target.display());
+                return USAGE;
+            }
+        }
+        if verdict != Verdict::Pass {
+            println!(
+                "  replay: cargo xtask sim run {} --seed {seed} --trace trace.jsonl",
+                file.display()
+            );
+        }
+        worst = worst.max(verdict);
+    }
+    worst as i32
+}
+
+/// Saves a failing seed's scenario and trace; returns the replay command.
+fn save_failure(out: &Path, result: &RunResult, scenario: &Scenario, summary: &str) -> String {
+    let dir = out.join(format!("seed-{}", result.seed));
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("scenario.toml"), scenario.to_toml());
+    let _ = std::fs::write(dir.join("trace.jsonl"), result.trace_jsonl());
+    let mut report = format!("{summary}\nverdict: {}\n", result.verdict().as_str());
+    if let Some(crash) = &result.crash {
+        report.push_str(&format!("crash: {crash}\n"));
+    }
+    for v in &result.violations {
+        report.push_str(&format!("{v}\n"));
+    }
+    let _ = std::fs::write(dir.join("verdict.txt"), report);
+    format!(
+        "cargo xtask sim fuzz --seed {}   (saved in {})",
+        result.seed,
+        dir.display()
+    )
+}
+
+fn fuzz_one(seed: u64, out: &Path) -> i32 {
+    let (scenario, summary) = foreman_sim::swarm::scenario(seed);
+    println!("{summary}");
+    let result = run(&scenario, seed);
+    print_result(&scenario.name, &result);
+    if result.verdict() != Verdict::Pass {
+        println!(
+            "  saved: {}",
+            save_failure(out, &result, &scenario, &summary)
+        );
+    }
+    result.verdict() as i32
+}
+
+struct Campaign {
+    from: u64,
+    seeds: Option<u64>,
+    time: Option<Duration>,
+    jobs: usize,
+    recheck: u64,
+}
+
+fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
+    let Campaign {
+        from,
+        seeds,
+        time,
+        jobs,
+        recheck,
+    } = campaign;
+    let total = seeds.unwrap_or(if time.is_some() { u64::MAX } else { 1_000 });
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<(u64, Verdict, String)>::new()));
+    let done = Arc::new(AtomicU64::new(0));
+    let sim_ms = Arc::new(AtomicU64::new(0));
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else if time.is_some() {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} seeds {per_sec} {msg}",
+        )
+        .expect("template"),
+    );
+    #[allow(clippy::disallowed_methods)] // the campaign's wall clock, outside the simulation
+    let began = std::time::Instant::now();
+    let workers: Vec<_> = (0..jobs)
+        .map(|_| {
+            let (next, stop, failures, done, sim_ms, bar, out) = (
+                next.clone(),
+                stop.clone(),
+                failures.clone(),
+                done.clone(),
+                sim_ms.clone(),
+                bar.clone(),
+                out.to_path_buf(),
+            );
+            #[allow(clippy::disallowed_methods)] // worker threads of the campaign
+            std::thread::spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                if let Some(limit) = time {
+                    #[allow(clippy::disallowed_methods)]
+                    if began.elapsed() >= limit {
+                        stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                let seed = from + n;
+                let (scenario, summary) = foreman_sim::swarm::scenario(seed);
+                let result = run(&scenario, seed);
+                sim_ms.fetch_add(result.sim_ms, Ordering::Relaxed);
+                let mut verdict = result.verdict();
+                let mut diverged = None;
+                if recheck > 0 && seed % recheck == 0 {
+                    let again = run(&scenario, seed);
+                    diverged = first_divergence(&result.trace, &again.trace, 5);
+                    if diverged.is_some() {
+                        verdict = verdict.max(Verdict::Nondeterminism);
+                    }
+                }
+                if verdict != Verdict::Pass {
+                    let replay = save_failure(&out, &result, &scenario, &summary);
+                    let first = diverged
+                        .or_else(|| result.crash.clone())
+                        .or_else(|| result.violations.first().map(|v| v.to_string()))
+                        .unwrap_or_default();
+                    bar.println(format!(
+                        "{summary}\n  {}: {first}\n  replay: {replay}",
+                        verdict.as_str()
+                    ));
+                    failures
+                        .lock()
+                        .expect("failures")
+                        .push((seed, verdict, replay));
+                }
+                let count = done.fetch_add(1, Ordering::Relaxed) + 1;
+                bar.inc(1);
+                if quiet && count % 1000 == 0 {
+                    println!("{count} seeds");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
+    }
+    bar.finish_and_clear();
+    let secs = began.elapsed().as_secs_f64();
+    let count = done.load(Ordering::Relaxed);
+    let failures = failures.lock().expect("failures");
+    println!(
+        "fuzz: {count} seeds from {from} in {secs:.1} s ({:.0} seeds/s, {:.0}x real time over {jobs} threads), {} failed",
+        count as f64 / secs.max(1e-9),
+        sim_ms.load(Ordering::Relaxed) as f64 / 1000.0 / secs.max(1e-9),
+        failures.len()
+    );
+    for (seed, verdict, replay) in failures.iter() {
+        println!("  seed {seed}: {}; {replay}", verdict.as_str());
+    }
+    failures.iter().map(|f| f.1).max().unwrap_or(Verdict::Pass) as i32
+}

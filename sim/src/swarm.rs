@@ -1,0 +1,191 @@
+//! Swarm testing: a seed picks a scenario's shape — how many users, jobs and
+//! CPUs, how the jobs behave, which fault kinds are on and how often — so
+//! that a campaign covers many different worlds rather than one world many
+//! times. The same seed always gives the same scenario (and the simulation
+//! then runs on that seed too).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::scenario::{
+    Action, Expect, Fault, JobPlan, Scenario, Situation, Target, Topology, UserSpec,
+};
+
+/// Simulated time over which the workload and the faults are spread.
+pub const PLAN_MS: u64 = 60_000;
+pub const AGENTS: usize = 4;
+
+/// The fault kinds a seed can turn on, each with the action that undoes it.
+const KINDS: [(&str, Action, Option<Action>); 6] = [
+    ("kill", Action::KillAgent, Some(Action::RestartAgent)),
+    ("pause", Action::PauseAgent, Some(Action::ResumeAgent)),
+    ("partition", Action::Partition, Some(Action::Heal)),
+    ("drop-pings", Action::DropPings, Some(Action::RestorePings)),
+    (
+        "supervisor-crash",
+        Action::CrashSupervisor,
+        Some(Action::RestartSupervisor),
+    ),
+    ("latency", Action::Latency, None),
+];
+
+/// The scenario seed `seed` stands for, and a one-line summary of its knobs.
+pub fn scenario(seed: u64) -> (Scenario, String) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cpus = rng.random_range(1..=4u32);
+    let users: Vec<UserSpec> = (0..rng.random_range(1..=3))
+        .map(|i| UserSpec {
+            name: format!("u{i}"),
+            plan: if rng.random_bool(0.5) {
+                "basic"
+            } else {
+                "premium"
+            }
+            .to_string(),
+        })
+        .collect();
+    let job_count = rng.random_range(1..=24usize);
+    let hang_rate = if rng.random_bool(0.3) { 0.15 } else { 0.0 };
+    let fail_rate = if rng.random_bool(0.5) { 0.2 } else { 0.0 };
+    let retry_rate = rng.random_range(0.0..1.0);
+    let long_rate = if rng.random_bool(0.3) { 0.3 } else { 0.05 };
+    let jobs: Vec<JobPlan> = (0..job_count)
+        .map(|i| {
+            let hang = rng.random_bool(hang_rate);
+            let failing = rng.random_bool(fail_rate);
+            JobPlan {
+                name: format!("j{i}"),
+                user: users[rng.random_range(0..users.len())].name.clone(),
+                at_ms: rng.random_range(0..PLAN_MS * 2 / 3),
+                kind: if rng.random_bool(0.7) {
+                    "sequential"
+                } else {
+                    "parallel"
+                }
+                .into(),
+                cpus: rng.random_range(1..=cpus),
+                duration_ms: if rng.random_bool(long_rate) {
+                    rng.random_range(10_000..40_000)
+                } else {
+                    rng.random_range(10..5_000)
+                },
+                exit_code: if failing { rng.random_range(1..=3) } else { 0 },
+                output: String::new(),
+                hang,
+                crash: failing && rng.random_bool(0.3),
+                // A hanging job needs a run limit to end.
+                max_run_secs: hang.then(|| rng.random_range(1..=20)),
+                max_attempts: if rng.random_bool(retry_rate) {
+                    rng.random_range(2..=3)
+                } else {
+                    1
+                },
+            }
+        })
+        .collect();
+    let mut faults = Vec::new();
+    let mut on = Vec::new();
+    for (label, action, undo) in KINDS {
+        if !rng.random_bool(0.4) {
+            continue;
+        }
+        let count = rng.random_range(1..=3);
+        on.push(format!("{label}x{count}"));
+        for _ in 0..count {
+            let at_ms = rng.random_range(0..PLAN_MS - 20_000);
+            let agent = (undo.is_some() && action != Action::CrashSupervisor).then(|| {
+                if rng.random_bool(0.15) {
+                    Target::All("all".into())
+                } else {
+                    Target::One(rng.random_range(0..AGENTS))
+                }
+            });
+            faults.push(Fault {
+                at_ms,
+                action,
+                agent: agent.clone(),
+                job: None,
+                when: None,
+                latency_ms: (action == Action::Latency).then(|| {
+                    let hi = rng.random_range(5..1_500);
+                    [rng.random_range(1..=hi), hi]
+                }),
+            });
+            match undo {
+                Some(undo) => faults.push(Fault {
+                    at_ms: at_ms + rng.random_range(100..15_000),
+                    action: undo,
+                    agent,
+                    job: None,
+                    when: None,
+                    latency_ms: None,
+                }),
+                None => faults.push(Fault {
+                    at_ms: at_ms + rng.random_range(100..15_000),
+                    action: Action::Latency,
+                    agent: None,
+                    job: None,
+                    when: None,
+                    latency_ms: Some([1, 5]),
+                }),
+            }
+        }
+    }
+    if rng.random_bool(0.5) {
+        let count = rng.random_range(1..=job_count.min(6));
+        on.push(format!("cancelx{count}"));
+        for _ in 0..count {
+            let job = &jobs[rng.random_range(0..jobs.len())];
+            let when = match rng.random_range(0..5) {
+                0 => Some(Situation::WaitingForSlot),
+                1 => Some(Situation::Dispatched),
+                2 => Some(Situation::Running),
+                3 => Some(Situation::AgentReconnecting),
+                _ => None,
+            };
+            faults.push(Fault {
+                at_ms: job.at_ms + rng.random_range(0..3_000),
+                action: Action::Cancel,
+                agent: None,
+                job: Some(job.name.clone()),
+                when,
+                latency_ms: None,
+            });
+        }
+    }
+    // Two cancels of one job are one cancel.
+    let mut seen = std::collections::BTreeSet::new();
+    faults.retain(|f| f.action != Action::Cancel || seen.insert(f.job.clone()));
+    let topology = Topology {
+        agents: AGENTS,
+        cpus,
+        ping_interval_ms: 500,
+        ping_timeout_ms: 2_000,
+        latency_ms: [1, 5],
+        core: toml::Table::from_iter([(
+            "agent_grace_ms".to_string(),
+            toml::Value::Integer(rng.random_range(1_000..10_000)),
+        )]),
+    };
+    let summary = format!(
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={}",
+        users.len(),
+        on.join(" "),
+        topology.core["agent_grace_ms"]
+    );
+    let raw = Scenario {
+        name: format!("swarm-{seed}"),
+        description: summary.clone(),
+        topology,
+        users,
+        jobs,
+        faults,
+        expect: Expect::default(),
+        core: Default::default(),
+    };
+    // Through the parser, so that a swarm scenario is exactly what its saved
+    // file will say.
+    let scenario = Scenario::parse(&raw.name, &raw.name, &raw.to_toml())
+        .unwrap_or_else(|e| panic!("swarm seed {seed} made an invalid scenario: {e}"));
+    (scenario, summary)
+}

@@ -1,0 +1,285 @@
+//! The structured trace of one run: what the core decided (its events), what
+//! the simulated processes did, what the clients were told, which faults
+//! fired, and the end state. Checkers read nothing else.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use foreman::core::{Event, EventKind, JobState};
+use serde::{Deserialize, Serialize};
+
+/// How a simulated process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessEnd {
+    Exited,
+    Crashed,
+    Killed,
+    /// Its node died with it (killed or restarted).
+    Vanished,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Ev {
+    /// A decision of the core, once committed.
+    Core {
+        kind: EventKind,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        job: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+        reason: String,
+    },
+    /// A simulated process started on an agent.
+    ProcessStarted {
+        job: u64,
+        attempt: u32,
+        agent: String,
+        cpus: u32,
+    },
+    ProcessEnded {
+        job: u64,
+        attempt: u32,
+        agent: String,
+        end: ProcessEnd,
+    },
+    /// A submission was acknowledged to its client.
+    Acked {
+        name: String,
+        job: u64,
+    },
+    /// A submission attempt got no acknowledgement (it is retried).
+    SubmitFailed {
+        name: String,
+        error: String,
+    },
+    /// A cancel request was answered.
+    CancelSent {
+        name: String,
+        job: u64,
+    },
+    Fault {
+        what: String,
+    },
+    /// An agent's node stops (paused, killed) or goes on (resumed, restarted).
+    Frozen {
+        agent: String,
+    },
+    Thawed {
+        agent: String,
+    },
+    /// The core's own invariant check failed after a step.
+    InvariantBroken {
+        message: String,
+    },
+    /// The fault plan ended and everything settled (or did not).
+    Settled {
+        ok: bool,
+        detail: String,
+    },
+    /// A job as the API shows it at the end.
+    Final {
+        job: u64,
+        name: String,
+        state: JobState,
+        attempts: usize,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Simulated ms since the world started.
+    pub at: u64,
+    #[serde(flatten)]
+    pub ev: Ev,
+}
+
+impl fmt::Display for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+/// What the supervisor's core looked like after its latest step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoreView {
+    pub connected_agents: usize,
+    pub cpus_used: u32,
+    pub live_jobs: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: Vec<Entry>,
+    core: Option<CoreView>,
+}
+
+/// A run's trace, shared by every node of the world (they all run on the
+/// simulator's one thread).
+#[derive(Clone, Debug)]
+pub struct Trace {
+    inner: Arc<Mutex<Inner>>,
+    start: foreman::core::Millis,
+}
+
+impl Trace {
+    pub fn new() -> Trace {
+        Trace {
+            inner: Arc::default(),
+            start: foreman::seam::now(),
+        }
+    }
+
+    pub fn now(&self) -> u64 {
+        foreman::seam::now().ms_since(self.start)
+    }
+
+    pub fn push(&self, ev: Ev) {
+        let at = self.now();
+        self.inner
+            .lock()
+            .expect("trace lock")
+            .entries
+            .push(Entry { at, ev });
+    }
+
+    pub fn entries(&self) -> Vec<Entry> {
+        self.inner.lock().expect("trace lock").entries.clone()
+    }
+
+    /// The core after its latest step; none since the supervisor went down.
+    pub fn core_view(&self) -> Option<CoreView> {
+        self.inner.lock().expect("trace lock").core.clone()
+    }
+
+    /// The supervisor went down: what its core showed is no longer true.
+    pub fn forget_core(&self) {
+        self.inner.lock().expect("trace lock").core = None;
+    }
+
+    /// Reads the trace so far without copying it.
+    pub fn with<T>(&self, f: impl FnOnce(&[Entry]) -> T) -> T {
+        f(&self.inner.lock().expect("trace lock").entries)
+    }
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace::new()
+    }
+}
+
+impl foreman::server::executor::Observer for Trace {
+    fn handled(&self, core: &foreman::core::Core) {
+        let checked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.check_invariants()));
+        if let Err(panic) = checked {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "invariant check panicked".into());
+            self.push(Ev::InvariantBroken { message });
+        }
+        let view = CoreView {
+            connected_agents: core.agents().filter(|a| a.conn().is_some()).count(),
+            cpus_used: core.agents().map(|a| a.used_cpus).sum(),
+            live_jobs: core.jobs().filter(|j| !j.state.is_terminal()).count(),
+        };
+        self.inner.lock().expect("trace lock").core = Some(view);
+    }
+
+    fn event(&self, event: &Event) {
+        self.push(Ev::Core {
+            kind: event.kind,
+            job: event.job.map(|j| j.0),
+            attempt: event.attempt,
+            agent: event.agent.as_ref().map(|a| a.to_string()),
+            reason: event.reason.to_string(),
+        });
+    }
+}
+
+/// The first place two traces of one seed differ, with the entries around it.
+pub fn first_divergence(a: &[Entry], b: &[Entry], context: usize) -> Option<String> {
+    let at = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))?;
+    let from = at.saturating_sub(context);
+    let mut out = format!("the runs diverge at entry {at}\n");
+    for (label, trace) in [("first run", a), ("second run", b)] {
+        out.push_str(&format!("{label}:\n"));
+        for (i, entry) in trace.iter().enumerate().skip(from).take(2 * context + 1) {
+            let mark = if i == at { ">>" } else { "  " };
+            out.push_str(&format!("{mark} {i:5} {entry}\n"));
+        }
+        if trace.len() <= at {
+            out.push_str(&format!(">> {at:5} (the run ends here)\n"));
+        }
+    }
+    Some(out)
+}
+
+/// A run's trace in short: one line per entry, for snapshots and reading.
+pub fn summary(entries: &[Entry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        let line = match &e.ev {
+            Ev::Core {
+                kind,
+                job,
+                attempt,
+                agent,
+                reason,
+            } => {
+                let mut s = format!("core {kind:?}");
+                if let Some(job) = job {
+                    s.push_str(&format!(" job {job}"));
+                }
+                if let Some(attempt) = attempt {
+                    s.push_str(&format!("/{attempt}"));
+                }
+                if let Some(agent) = agent {
+                    s.push_str(&format!(" on {agent}"));
+                }
+                format!("{s}: {reason}")
+            }
+            Ev::ProcessStarted {
+                job,
+                attempt,
+                agent,
+                cpus,
+            } => format!("process {job}/{attempt} starts on {agent} ({cpus} cpus)"),
+            Ev::ProcessEnded {
+                job,
+                attempt,
+                agent,
+                end,
+            } => format!("process {job}/{attempt} on {agent}: {end:?}"),
+            Ev::Acked { name, job } => format!("client: {name} is job {job}"),
+            Ev::SubmitFailed { name, error } => format!("client: {name} not submitted: {error}"),
+            Ev::CancelSent { name, job } => {
+                format!("client: cancel of {name} (job {job}) answered")
+            }
+            Ev::Fault { what } => format!("fault: {what}"),
+            Ev::Frozen { agent } => format!("{agent} frozen"),
+            Ev::Thawed { agent } => format!("{agent} thawed"),
+            Ev::InvariantBroken { message } => format!("INVARIANT BROKEN: {message}"),
+            Ev::Settled { ok, detail } => format!("settled {ok}: {detail}"),
+            Ev::Final {
+                job,
+                name,
+                state,
+                attempts,
+            } => format!("final: job {job} ({name}) {state}, {attempts} attempts"),
+        };
+        out.push_str(&format!("{:>7} {line}\n", e.at));
+    }
+    out
+}

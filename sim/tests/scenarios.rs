@@ -1,0 +1,90 @@
+//! The named scenarios on fixed seeds, their trace summaries as snapshots,
+//! and the determinism self-check.
+#![cfg(madsim)]
+
+use std::path::PathBuf;
+
+use foreman_sim::play::{run, Verdict};
+use foreman_sim::scenario::Scenario;
+use foreman_sim::trace::{first_divergence, summary};
+
+const NAMED: [&str; 11] = [
+    "agent-loss",
+    "agent-pause",
+    "cancel-during-allocation",
+    "cancel-races-completion",
+    "duplicate-agent",
+    "reconnect-storm",
+    "slot-fairness",
+    "slow-network",
+    "supervisor-crash-restart",
+    "timeout-isolation",
+    "ws-ping-timeout",
+];
+
+fn load(name: &str) -> Scenario {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios")
+        .join(format!("{name}.toml"));
+    Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn every_named_scenario_passes_on_fixed_seeds() {
+    let mut failures = Vec::new();
+    for name in NAMED {
+        let scenario = load(name);
+        for seed in 1..=5 {
+            let result = run(&scenario, seed);
+            if result.verdict() != Verdict::Pass {
+                failures.push(format!(
+                    "{name} seed {seed}: {} {:?} {:?}",
+                    result.verdict().as_str(),
+                    result.crash,
+                    result.violations
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn named_scenario_traces_match_their_snapshots() {
+    for name in NAMED {
+        let result = run(&load(name), 1);
+        insta::assert_snapshot!(name, summary(&result.trace));
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly_and_another_seed_differs() {
+    for name in [
+        "supervisor-crash-restart",
+        "agent-pause",
+        "cancel-races-completion",
+    ] {
+        let scenario = load(name);
+        let first = run(&scenario, 7);
+        let second = run(&scenario, 7);
+        if let Some(diff) = first_divergence(&first.trace, &second.trace, 5) {
+            panic!("{name}: {diff}");
+        }
+        let other = run(&scenario, 8);
+        assert_ne!(first.trace, other.trace, "{name}: seeds 7 and 8 ran alike");
+    }
+}
+
+#[test]
+fn a_divergence_is_reported_with_its_context() {
+    let scenario = load("cancel-during-allocation");
+    let first = run(&scenario, 3).trace;
+    let mut second = first.clone();
+    second[10].at += 1;
+    let report = first_divergence(&first, &second, 2).expect("a divergence");
+    assert!(report.contains("diverge at entry 10"), "{report}");
+    assert!(report.contains(">>    10"), "{report}");
+    second.truncate(10);
+    let report = first_divergence(&first, &second, 2).expect("a shorter run");
+    assert!(report.contains("(the run ends here)"), "{report}");
+}
