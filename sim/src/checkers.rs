@@ -257,6 +257,7 @@ struct CancelFinal {
     canceled_at: BTreeMap<u64, u64>,
     stops: BTreeMap<(u64, u32, String), u64>,
     started: BTreeMap<(u64, u32, String), u64>,
+    connected: BTreeSet<String>,
     gone_at: BTreeMap<String, u64>,
     states: BTreeMap<u64, JobState>,
 }
@@ -291,16 +292,31 @@ impl Checker for CancelFinal {
                 attempt: Some(attempt),
                 agent: Some(agent),
                 ..
-            } => {
+            } if self.connected.contains(agent) => {
+                // Sent on a live connection (else it is sent on the return).
                 self.stops
                     .entry((*job, *attempt, agent.clone()))
                     .or_insert(e.at);
+            }
+            Ev::Core {
+                kind: EventKind::AgentConnected,
+                agent: Some(agent),
+                ..
+            } => {
+                self.connected.insert(agent.clone());
+            }
+            // A supervisor that dies takes every connection with it.
+            Ev::Fault { what } if what.contains("Supervisor") => {
+                for agent in std::mem::take(&mut self.connected) {
+                    self.gone_at.insert(agent, e.at);
+                }
             }
             Ev::Core {
                 kind: EventKind::AgentDisconnected | EventKind::AgentLost | EventKind::AgentReplaced,
                 agent: Some(agent),
                 ..
             } => {
+                self.connected.remove(agent);
                 self.gone_at.insert(agent.clone(), e.at);
             }
             Ev::ProcessStarted {
@@ -613,6 +629,7 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             canceled_at: BTreeMap::new(),
             stops: BTreeMap::new(),
             started: BTreeMap::new(),
+            connected: BTreeSet::new(),
             gone_at: BTreeMap::new(),
             states: BTreeMap::new(),
         }),

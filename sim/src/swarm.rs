@@ -173,6 +173,23 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         on.join(" "),
         topology.core["agent_grace_ms"]
     );
+    // Everything must settle within two minutes of the plan's end plus the
+    // time the work would take run one job at a time (plan caps can
+    // serialize it): a bound that only a real stall exceeds.
+    let serial_ms: u64 = jobs
+        .iter()
+        .map(|j| {
+            let one = match j.max_run_secs {
+                Some(limit) if j.hang => limit * 1_000,
+                _ => j.duration_ms,
+            };
+            one * u64::from(j.max_attempts)
+        })
+        .sum();
+    let expect = Expect {
+        settle_ms: 120_000 + serial_ms,
+        ..Expect::default()
+    };
     let raw = Scenario {
         name: format!("swarm-{seed}"),
         description: summary.clone(),
@@ -180,7 +197,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         users,
         jobs,
         faults,
-        expect: Expect::default(),
+        expect,
         core: Default::default(),
     };
     // Through the parser, so that a swarm scenario is exactly what its saved
