@@ -111,6 +111,7 @@ struct SingleRun {
     thaw_ms: u64,
     running: BTreeMap<u64, BTreeSet<(u32, String)>>,
     frozen: BTreeSet<String>,
+    thawed_at: BTreeMap<String, u64>,
     /// Overlaps excused while frozen: (job, attempt, agent) → must end by.
     excused: BTreeMap<(u64, u32, String), Option<u64>>,
 }
@@ -126,6 +127,7 @@ impl Checker for SingleRun {
             }
             Ev::Thawed { agent } => {
                 self.frozen.remove(agent);
+                self.thawed_at.insert(agent.clone(), e.at);
                 for ((_, _, a), by) in self.excused.iter_mut() {
                     if a == agent && by.is_none() {
                         *by = Some(e.at + self.thaw_ms);
@@ -140,9 +142,17 @@ impl Checker for SingleRun {
             } => {
                 let set = self.running.entry(*job).or_default();
                 for (other_attempt, other_agent) in set.iter() {
+                    let key = (*job, *other_attempt, other_agent.clone());
+                    let thawing = self
+                        .thawed_at
+                        .get(other_agent)
+                        .map(|at| at + self.thaw_ms)
+                        .filter(|by| e.at <= *by);
                     if self.frozen.contains(other_agent) {
-                        self.excused
-                            .insert((*job, *other_attempt, other_agent.clone()), None);
+                        self.excused.insert(key, None);
+                    } else if let Some(by) = thawing {
+                        // Thawed a moment ago: its agent has yet to notice.
+                        self.excused.insert(key, Some(by));
                     } else {
                         out.push(violation(
                             "single-run",
@@ -304,6 +314,10 @@ impl Checker for CancelFinal {
                 ..
             } => {
                 self.connected.insert(agent.clone());
+            }
+            // A frozen agent cannot act on a kill until it thaws.
+            Ev::Frozen { agent } => {
+                self.gone_at.insert(agent.clone(), e.at);
             }
             // A supervisor that dies takes every connection with it.
             Ev::Fault { what } if what.contains("Supervisor") => {
@@ -617,6 +631,7 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             thaw_ms: scenario.topology.ping_timeout_ms * 2,
             running: BTreeMap::new(),
             frozen: BTreeSet::new(),
+            thawed_at: BTreeMap::new(),
             excused: BTreeMap::new(),
         }),
         Box::new(TerminalFinal {

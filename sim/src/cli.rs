@@ -66,6 +66,8 @@ enum Command {
 }
 
 pub fn main() -> i32 {
+    // A crash is reported with the run's verdict; one line here says where.
+    std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}")));
     // Logs of the supervisor and agents, when asked for (FOREMAN_LOG=info).
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("FOREMAN_LOG") {
         let _ = tracing_subscriber::fmt()

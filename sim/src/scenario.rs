@@ -344,6 +344,17 @@ impl Scenario {
                 "the ping interval must be positive and shorter than the ping timeout".into(),
             ));
         }
+        if core.agent_grace_ms < 3 * topology.ping_interval_ms {
+            return Err(at(
+                find_line(text, "[topology.core]").or(topo_span.clone()),
+                "topology.core.agent_grace_ms",
+                format!(
+                    "{} ms; at least three ping intervals ({} ms)",
+                    core.agent_grace_ms,
+                    3 * topology.ping_interval_ms
+                ),
+            ));
+        }
         if topology.latency_ms[0] > topology.latency_ms[1] {
             return Err(at(
                 topo_span,

@@ -164,7 +164,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         latency_ms: [1, 5],
         core: toml::Table::from_iter([(
             "agent_grace_ms".to_string(),
-            toml::Value::Integer(rng.random_range(1_000..10_000)),
+            toml::Value::Integer(rng.random_range(1_500..10_000)),
         )]),
     };
     let summary = format!(

@@ -123,6 +123,7 @@ struct Inner {
 #[derive(Clone, Debug)]
 pub struct Trace {
     inner: Arc<Mutex<Inner>>,
+    changed: Arc<tokio::sync::Notify>,
     start: foreman::core::Millis,
 }
 
@@ -130,6 +131,7 @@ impl Trace {
     pub fn new() -> Trace {
         Trace {
             inner: Arc::default(),
+            changed: Arc::default(),
             start: foreman::seam::now(),
         }
     }
@@ -145,6 +147,15 @@ impl Trace {
             .expect("trace lock")
             .entries
             .push(Entry { at, ev });
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until something is added, or until `deadline_ms` passes.
+    /// (The simulation is single-threaded: nothing is added between a
+    /// caller's check and this wait.)
+    pub async fn changed(&self, deadline_ms: u64) {
+        let wait = std::time::Duration::from_millis(deadline_ms.saturating_sub(self.now()));
+        let _ = tokio::time::timeout(wait, self.changed.notified()).await;
     }
 
     pub fn entries(&self) -> Vec<Entry> {

@@ -168,7 +168,7 @@ impl World {
         Handle::current()
             .create_node()
             .name(format!("client-{host}"))
-            .ip(ip(20 + host))
+            .ip(ip(200 + host))
             .build()
     }
 }
@@ -182,6 +182,10 @@ pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
     let trace = Trace::new();
     let world = World::build(&scenario, &trace, data_dir);
     let control = world.client_node(0);
+    let nodes: Vec<_> = std::iter::once(world.supervisor.id())
+        .chain(world.agents.iter().map(|a| a.id()))
+        .chain([control.id()])
+        .collect();
     let driven = trace.clone();
     let result = control.spawn(drive(world, scenario, driven)).await;
     if let Err(e) = result {
@@ -190,7 +194,16 @@ pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
             detail: format!("the control node failed: {e}"),
         });
     }
-    trace.entries()
+    let entries = trace.entries();
+    // The simulator does not drop a node's tasks when the run ends: kill the
+    // nodes and let it drop them, or every run would leave its database
+    // open (thousands of runs in one campaign would run out of files).
+    let handle = Handle::current();
+    for node in nodes {
+        handle.kill(node);
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    entries
 }
 
 /// Shared between the control node's tasks: the ids the clients were given.
@@ -341,7 +354,7 @@ async fn agent_of(trace: &Trace, ids: &Ids, job: &str, bound: u64) -> Option<usi
         if trace.now() >= deadline {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        trace.changed(deadline).await;
     }
 }
 
@@ -412,7 +425,7 @@ async fn cancel(world: &World, trace: &Trace, ids: &Ids, fault: &Fault, owner: &
             });
             return;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        trace.changed(deadline).await;
     };
     trace.push(Ev::Fault {
         what: match fault.when {

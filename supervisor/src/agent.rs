@@ -62,13 +62,17 @@ pub struct Agent {
     events: mpsc::UnboundedReceiver<RunEvent>,
     /// From the latest welcome: how long runs may outlive a lost connection.
     fence_ms: Option<u64>,
-    /// When the latest welcomed connection was last heard from, once it is
-    /// lost (until fenced): a connection is lost from its last sign of life,
-    /// not from when its loss is noticed (a host frozen for minutes notices
-    /// late).
-    lost_since: Option<Millis>,
-    last_heard: Millis,
+    /// When the agent sent the latest hello or pong that the supervisor
+    /// confirms it received (until fenced). Receipt times of frames prove
+    /// nothing: a frozen host, thawed, reads frames that waited in its
+    /// buffers for as long as it was frozen.
+    confirmed_at: Option<Millis>,
+    /// When this connection's recent pings arrived (their pongs left then).
+    pings: BTreeMap<u64, Millis>,
 }
+
+/// Pings remembered per connection (a pong is confirmed within a few).
+const PINGS_KEPT: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -92,14 +96,14 @@ impl Agent {
             events_tx,
             events,
             fence_ms: None,
-            lost_since: None,
-            last_heard: Millis(0),
+            confirmed_at: None,
+            pings: BTreeMap::new(),
         }
     }
 
     /// When the runs must be killed, if the connection is lost.
     fn fence_due(&self) -> Option<Millis> {
-        self.lost_since
+        self.confirmed_at
             .zip(self.fence_ms)
             .map(|(since, fence)| since.plus_ms(fence))
     }
@@ -117,7 +121,25 @@ impl Agent {
             fence_ms = self.fence_ms,
             killed, "supervisor out of reach past the fence; killing the runs it has given up"
         );
-        self.lost_since = None;
+        self.confirmed_at = None;
+    }
+
+    /// A ping arrived: note when (its pong leaves now) and what it confirms.
+    fn pinged(&mut self, payload: &[u8]) {
+        let Some((seq, acked)) = protocol::parse_ping_payload(payload) else {
+            return;
+        };
+        let now = crate::seam::now();
+        self.pings.insert(seq, now);
+        while self.pings.len() > PINGS_KEPT {
+            self.pings.pop_first();
+        }
+        if let Some(&sent) = self.pings.get(&acked) {
+            // Never after a fence (which cleared it) from an old ping.
+            if self.confirmed_at.is_some_and(|c| c < sent) {
+                self.confirmed_at = Some(sent);
+            }
+        }
     }
 
     /// Connects, serves, reconnects; returns only when it gives up.
@@ -130,7 +152,6 @@ impl Agent {
                 match self.session().await {
                     Ok(Ended::Lost(why)) => {
                         info!(%why, "connection lost; reconnecting");
-                        self.lost_since = Some(self.last_heard);
                         let steady = crate::seam::now().ms_since(began) >= SESSION_STEADY_MS;
                         failures = if steady { 1 } else { failures + 1 };
                     }
@@ -211,6 +232,8 @@ impl Agent {
 
     /// One connection, from connect to loss. `Err` if it never got welcomed.
     async fn session(&mut self) -> Result<Ended, String> {
+        // The hello leaves after this instant: a safe base for the fence.
+        let hello_at = crate::seam::now();
         let connect = connect(self.options.supervisor.clone(), self.hello());
         let (mut sink, mut frames, welcome) = match self.fence_due() {
             Some(due) => crate::select! {
@@ -227,7 +250,8 @@ impl Agent {
             fence_ms,
         } = welcome;
         self.fence_ms = fence_ms;
-        self.lost_since = None;
+        self.confirmed_at = Some(hello_at);
+        self.pings.clear();
         info!("connected");
         // Results finished while away go now, one frame each.
         for (key, report) in self.outbox.clone() {
@@ -239,13 +263,17 @@ impl Agent {
         // The supervisor pings every ping_interval_ms: silence longer than its
         // ping timeout means the connection is dead even if TCP says nothing.
         let mut last_heard = crate::seam::now();
-        self.last_heard = last_heard;
         let mut watchdog = tokio::time::interval(Duration::from_millis((silence_ms / 4).max(10)));
         loop {
+            let fence = self.fence_due();
             crate::select! {
+                // First: past the fence, nothing else may start.
+                () = crate::seam::sleep_until(fence.unwrap_or_default()), if fence.is_some() => {
+                    self.fence();
+                    return Ok(Ended::Lost("no pong confirmed within the fence".into()));
+                }
                 frame = frames.next() => {
                     last_heard = crate::seam::now();
-                    self.last_heard = last_heard;
                     match frame {
                         Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
                             Ok(msg) => {
@@ -261,7 +289,9 @@ impl Agent {
                             }
                         },
                         Some(Ok(Message::Close(_))) | None => return Ok(Ended::Lost("closed".into())),
-                        Some(Ok(_)) => {} // pings are answered by the websocket layer
+                        // The websocket layer answers it with a pong.
+                        Some(Ok(Message::Ping(payload))) => self.pinged(&payload),
+                        Some(Ok(_)) => {}
                         Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
                     }
                 }

@@ -55,9 +55,10 @@ pub enum ToAgentMsg {
         v: u32,
         ping_interval_ms: u64,
         ping_timeout_ms: u64,
-        /// Once its connection is lost, the agent kills its runs if it is
-        /// not back within this long (the supervisor will have given them
-        /// up). Absent: the agent never fences.
+        /// The agent kills its runs once this long has passed since it sent
+        /// the latest pong (or hello) the supervisor confirms it heard: by
+        /// then the supervisor may have given them up. Absent: the agent
+        /// never fences.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fence_ms: Option<u64>,
     },
@@ -175,9 +176,41 @@ pub fn encode<T: Serialize>(msg: &T) -> String {
     serde_json::to_string(msg).expect("protocol messages serialize")
 }
 
+/// The payload of the supervisor's websocket pings: its ping number and the
+/// number of the latest ping whose pong it has received (0: none yet), each
+/// a big-endian u64. The agent's websocket layer echoes it in the pong. An
+/// agent learns from it which of its pongs, sent when, the supervisor has
+/// heard: the base of its fence.
+pub fn ping_payload(seq: u64, acked: u64) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(16);
+    payload.extend_from_slice(&seq.to_be_bytes());
+    payload.extend_from_slice(&acked.to_be_bytes());
+    payload
+}
+
+/// (ping number, latest acknowledged) from a ping or pong payload; `None`
+/// for any other payload (an empty ping from another implementation).
+pub fn parse_ping_payload(payload: &[u8]) -> Option<(u64, u64)> {
+    let seq = u64::from_be_bytes(payload.get(0..8)?.try_into().ok()?);
+    let acked = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+    (payload.len() == 16).then_some((seq, acked))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_payloads_round_trip_and_anything_else_is_no_ping_of_ours() {
+        assert_eq!(parse_ping_payload(&ping_payload(7, 6)), Some((7, 6)));
+        assert_eq!(
+            parse_ping_payload(&ping_payload(u64::MAX, 0)),
+            Some((u64::MAX, 0))
+        );
+        for bad in [&[][..], &[1; 8], &[1; 15], &[1; 17], &[0xff; 125]] {
+            assert_eq!(parse_ping_payload(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn protocol_messages_round_trip() {

@@ -50,6 +50,8 @@ pub enum StartError {
     Restore(#[from] RestoreError),
     #[error("listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 pub struct Running {
@@ -82,6 +84,8 @@ pub(crate) async fn accept(
 }
 
 pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
+    agents::check_fence(options.core.agent_grace_ms, &options.endpoint)
+        .map_err(StartError::Config)?;
     std::fs::create_dir_all(&options.data_dir)
         .map_err(|e| StartError::DataDir(options.data_dir.clone(), e))?;
     let db = options.data_dir.join("foreman.db");

@@ -30,20 +30,45 @@ pub struct AgentEndpoint {
     pub hello_timeout_ms: u64,
 }
 
-/// How long an agent that lost its connection may keep running its jobs:
-/// the supervisor gives them up `agent_grace_ms` after it notices the loss,
-/// and the agent may notice up to a ping interval later (plus a message's
-/// way), so the agent must have killed them by then or a job could run
-/// twice. Two ping intervals of margin; zero means "at once".
+/// How long after sending the latest pong (or hello) that the supervisor
+/// confirms it received an agent may keep running its jobs. The supervisor
+/// heard that pong at the earliest when it was sent, and gives the agent's
+/// jobs up `agent_grace_ms` after it loses the agent: after a ping timeout
+/// (later still) or a restart of its own (which comes after the pong too).
+/// A ping interval of margin covers the kill and the new attempt's dispatch.
+/// A pong is confirmed about a ping interval after it leaves, so the fence
+/// needs at least two intervals to stay quiet on a healthy link:
+/// `check_fence` refuses settings that leave it less.
 pub fn fence_ms(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> u64 {
-    agent_grace_ms.saturating_sub(2 * endpoint.ping_interval_ms)
+    agent_grace_ms.saturating_sub(endpoint.ping_interval_ms)
 }
 
+/// `agent_grace_ms` must be at least three ping intervals (see `fence_ms`).
+pub fn check_fence(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> Result<(), String> {
+    if agent_grace_ms < 3 * endpoint.ping_interval_ms {
+        return Err(format!(
+            "agent_grace_ms ({agent_grace_ms}) must be at least three ping intervals ({} ms): \
+             an agent out of touch kills its jobs a ping interval before the grace ends, \
+             and a healthy link confirms a pong only every interval or so",
+            3 * endpoint.ping_interval_ms
+        ));
+    }
+    Ok(())
+}
+
+/// The websocket settings of both ends. The read buffer is small because
+/// tungstenite zero-fills the whole of it before every read: at its default
+/// (128 KiB) that memset was the largest single cost of a simulated run, and
+/// the same cost per frame in production. Larger frames are still read, in
+/// several reads.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(protocol::FRAME_BYTES_MAX))
         .max_frame_size(Some(protocol::FRAME_BYTES_MAX))
 }
+
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 pub async fn serve(
     listener: TcpListener,
@@ -140,6 +165,8 @@ async fn connection(
             info!(cpus, "agent connected");
             let mut ping = tokio::time::interval(Duration::from_millis(endpoint.ping_interval_ms));
             let mut last_heard = seam::now();
+            // Ping numbers, and the latest one whose pong came back.
+            let (mut ping_seq, mut pong_seq) = (0u64, 0u64);
             loop {
                 crate::select! {
                     frame = frames.next() => {
@@ -167,7 +194,15 @@ async fn connection(
                                 warn!(error = %ProtocolError::Binary, "closing");
                                 break GoneReason::ProtocolError;
                             }
-                            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                            Some(Ok(Message::Pong(payload))) => {
+                                if let Some((seq, _)) = protocol::parse_ping_payload(&payload) {
+                                    // Only a pong for a ping really sent counts.
+                                    if seq <= ping_seq {
+                                        pong_seq = pong_seq.max(seq);
+                                    }
+                                }
+                            }
+                            Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
                             Some(Ok(Message::Close(_))) | None => break GoneReason::Closed,
                             Some(Err(e)) => {
                                 info!(error = %e, "websocket error");
@@ -200,7 +235,9 @@ async fn connection(
                             warn!(ping_timeout_ms = endpoint.ping_timeout_ms, "nothing heard within the ping timeout");
                             break GoneReason::PingTimeout;
                         }
-                        let send = sink.send(Message::Ping(Default::default()));
+                        ping_seq += 1;
+                        let payload = protocol::ping_payload(ping_seq, pong_seq);
+                        let send = sink.send(Message::Ping(payload.into()));
                         match tokio::time::timeout(Duration::from_millis(endpoint.ping_timeout_ms), send).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => break GoneReason::Closed,
