@@ -63,6 +63,16 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         recheck: u64,
     },
+    /// Runs every named scenario on seeds 1..=N and writes the matrix
+    /// (`scenarios.md`) and a timeline per scenario (`timelines/*.svg`).
+    Report {
+        #[arg(long, default_value = "scenarios")]
+        scenarios: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
+        #[arg(long, default_value = "reports")]
+        out: PathBuf,
+    },
 }
 
 pub fn main() -> i32 {
@@ -83,6 +93,11 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
+        Command::Report {
+            scenarios,
+            seeds,
+            out,
+        } => report(&scenarios, seeds.max(1), &out),
         Command::Run {
             scenarios,
             seed,
@@ -388,4 +403,80 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
         println!("  seed {seed}: {}; {replay}", verdict.as_str());
     }
     failures.iter().map(|f| f.1).max().unwrap_or(Verdict::Pass) as i32
+}
+
+fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
+    let files = match scenario_files(&[dir.to_path_buf()]) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("{e}");
+            return USAGE;
+        }
+    };
+    let timelines = out.join("timelines");
+    if let Err(e) = std::fs::create_dir_all(&timelines) {
+        eprintln!("{}: {e}", timelines.display());
+        return USAGE;
+    }
+    let mut rows = Vec::new();
+    let mut worst = Verdict::Pass;
+    for file in &files {
+        let scenario = match Scenario::load(file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return USAGE;
+            }
+        };
+        let mut row = foreman_sim::report::Row {
+            name: scenario.name.clone(),
+            description: scenario.description.clone(),
+            seeds,
+            passed: 0,
+            failures: Default::default(),
+            sim_ms_mean: 0,
+            wall_ms_mean: 0.0,
+        };
+        let (mut sim_ms, mut wall) = (0u64, 0.0f64);
+        for seed in 1..=seeds {
+            let result = run(&scenario, seed);
+            sim_ms += result.sim_ms;
+            wall += result.wall.as_secs_f64() * 1000.0;
+            let verdict = result.verdict();
+            worst = worst.max(verdict);
+            if verdict == Verdict::Pass {
+                row.passed += 1;
+            } else {
+                row.failures
+                    .entry(verdict.as_str().to_string())
+                    .or_default()
+                    .push(seed);
+            }
+            if seed == 1 {
+                let svg = foreman_sim::report::timeline(
+                    &format!("{} (seed 1)", scenario.name),
+                    scenario.topology.agents,
+                    scenario.topology.cpus,
+                    &result.trace,
+                );
+                let path = timelines.join(format!("{}.svg", scenario.name));
+                if let Err(e) = std::fs::write(&path, svg) {
+                    eprintln!("{}: {e}", path.display());
+                    return USAGE;
+                }
+            }
+        }
+        row.sim_ms_mean = sim_ms / seeds;
+        row.wall_ms_mean = wall / seeds as f64;
+        println!("{}: {}/{} pass", row.name, row.passed, seeds);
+        rows.push(row);
+    }
+    let command = format!("cargo xtask sim report --seeds {seeds}");
+    let path = out.join("scenarios.md");
+    if let Err(e) = std::fs::write(&path, foreman_sim::report::matrix(&rows, &command)) {
+        eprintln!("{}: {e}", path.display());
+        return USAGE;
+    }
+    println!("wrote {} and {}", path.display(), timelines.display());
+    worst as i32
 }

@@ -12,6 +12,7 @@
 pub mod checkers;
 #[cfg(madsim)]
 pub mod play;
+pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod swarm;
