@@ -63,6 +63,16 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         recheck: u64,
     },
+    /// Cancellation-point exploration: drops each path's future at its 1st,
+    /// 2nd, … poll and checks nothing leaked.
+    Explore {
+        /// One path (default: all).
+        #[arg(long)]
+        path: Option<String>,
+        /// Cut at most this many polls into a path that never completes.
+        #[arg(long, default_value_t = 60)]
+        polls: usize,
+    },
     /// Runs every named scenario on seeds 1..=N and writes the matrix
     /// (`scenarios.md`) and a timeline per scenario (`timelines/*.svg`).
     Report {
@@ -93,6 +103,7 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
+        Command::Explore { path, polls } => explore(path.as_deref(), polls),
         Command::Report {
             scenarios,
             seeds,
@@ -478,5 +489,39 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
         return USAGE;
     }
     println!("wrote {} and {}", path.display(), timelines.display());
+    worst as i32
+}
+
+fn explore(only: Option<&str>, polls: usize) -> i32 {
+    let paths: Vec<&'static str> = foreman_sim::explore::PATHS
+        .into_iter()
+        .filter(|p| only.is_none_or(|o| o == *p))
+        .collect();
+    if paths.is_empty() {
+        eprintln!(
+            "no such path; the paths are {:?}",
+            foreman_sim::explore::PATHS
+        );
+        return USAGE;
+    }
+    let mut worst = Verdict::Pass;
+    for path in paths {
+        let report = foreman_sim::explore::explore(path, polls);
+        println!(
+            "{path}: cut at polls 1..={}{}; {} finding(s)",
+            report.cuts,
+            report.completed_at.map_or(
+                " (never completed within the bound)".to_string(),
+                |p| format!(", completes by itself at poll {p}")
+            ),
+            report.findings.len()
+        );
+        for finding in &report.findings {
+            println!("  {finding}");
+        }
+        if !report.findings.is_empty() {
+            worst = Verdict::Correctness;
+        }
+    }
     worst as i32
 }

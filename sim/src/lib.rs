@@ -11,6 +11,8 @@
 
 pub mod checkers;
 #[cfg(madsim)]
+pub mod explore;
+#[cfg(madsim)]
 pub mod play;
 pub mod report;
 pub mod runner;

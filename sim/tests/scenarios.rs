@@ -88,3 +88,20 @@ fn a_divergence_is_reported_with_its_context() {
     let report = first_divergence(&first, &second, 2).expect("a shorter run");
     assert!(report.contains("(the run ends here)"), "{report}");
 }
+
+/// Cancellation-point exploration: each path is dropped at every poll (up to
+/// a bound for paths that never end by themselves) and nothing may leak.
+#[test]
+fn dropping_shell_and_agent_paths_at_any_poll_leaks_nothing() {
+    for path in foreman_sim::explore::PATHS {
+        let report = foreman_sim::explore::explore(path, 40);
+        assert!(report.findings.is_empty(), "{path}: {:#?}", report.findings);
+        assert!(report.cuts >= 2, "{path}: only {} cuts", report.cuts);
+        match path {
+            // Request handlers end by themselves, after a few polls.
+            "http-submit" | "http-cancel" => assert!(report.completed_at.is_some(), "{report:?}"),
+            // Connection and run loops run until something ends them.
+            _ => assert_eq!(report.completed_at, None, "{report:?}"),
+        }
+    }
+}

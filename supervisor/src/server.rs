@@ -60,6 +60,12 @@ pub struct Running {
     pub core: CoreHandle,
     /// Ends if the actor stops (for instance on a store failure).
     pub actor: tokio::task::JoinHandle<()>,
+    /// The HTTP API as a service, and the hub between connections and the
+    /// executor: for driving handlers directly (the simulator's
+    /// cancellation-point exploration).
+    pub router: axum::Router,
+    pub hub: Arc<hub::Hub>,
+    pub fence_ms: u64,
 }
 
 /// The next connection on `listener`, with Nagle off (small frames go out at
@@ -145,13 +151,15 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         hub: hub.clone(),
         store: Arc::new(Mutex::new(reader)),
     };
-    tokio::spawn(api::serve(api_listener, api::router(state)));
+    let router = api::router(state);
+    tokio::spawn(api::serve(api_listener, router.clone()));
+    let fence_ms = agents::fence_ms(options.core.agent_grace_ms, &options.endpoint);
     tokio::spawn(agents::serve(
         agent_listener,
         options.endpoint.clone(),
-        agents::fence_ms(options.core.agent_grace_ms, &options.endpoint),
+        fence_ms,
         core_handle.clone(),
-        hub,
+        hub.clone(),
     ));
     info!(%api_addr, %agent_addr, "supervisor listening");
     Ok(Running {
@@ -159,5 +167,8 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         agent_addr,
         core: core_handle,
         actor,
+        router,
+        hub,
+        fence_ms,
     })
 }

@@ -32,6 +32,9 @@ pub type RunFuture = Pin<Box<dyn Future<Output = FinishedReport> + Send>>;
 
 /// Runs attempts. A runner must end the process it started when `kill`
 /// fires, and report how it ended; it never panics on a bad command.
+/// `kill` fires on a kill request and also when its sender is dropped, which
+/// is what happens to every run of an agent that goes away (its future
+/// dropped): its processes do not outlive it unwatched.
 pub trait Runner: Send + Sync + 'static {
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture;
 }

@@ -61,6 +61,30 @@ pub fn check_fence(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> Result<(), 
 /// (128 KiB) that memset was the largest single cost of a simulated run, and
 /// the same cost per frame in production. Larger frames are still read, in
 /// several reads.
+/// Tells the hub and the core that a connection is over, when dropped.
+struct Departure {
+    hub: Arc<Hub>,
+    core: CoreHandle,
+    conn: crate::core::ConnId,
+    agent: AgentId,
+    /// The core was told the agent connected.
+    announced: bool,
+    reason: GoneReason,
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        self.hub.close_conn(self.conn);
+        if self.announced {
+            self.core.input_detached(Input::AgentGone {
+                conn: self.conn,
+                agent: self.agent.clone(),
+                reason: self.reason,
+            });
+        }
+    }
+}
+
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -85,7 +109,9 @@ pub async fn serve(
     }
 }
 
-async fn connection(
+/// Serves one agent connection, from handshake to departure (public for the
+/// simulator's cancellation-point exploration).
+pub async fn connection(
     stream: TcpStream,
     endpoint: AgentEndpoint,
     fence_ms: u64,
@@ -146,6 +172,16 @@ async fn connection(
     };
     let (conn, mut outgoing) = hub.open_conn();
     let span = tracing::info_span!("agent", agent.id = %agent, conn = conn.0);
+    // However this task ends, dropped at any await included, the hub forgets
+    // the connection and the core hears the agent is gone.
+    let mut departure = Departure {
+        hub: hub.clone(),
+        core: core.clone(),
+        conn,
+        agent: agent.clone(),
+        announced: false,
+        reason: GoneReason::Closed,
+    };
     async {
         let welcome = ToAgentMsg::Welcome {
             v: protocol::VERSION,
@@ -162,6 +198,7 @@ async fn connection(
         {
             return;
         } else {
+            departure.announced = true;
             info!(cpus, "agent connected");
             let mut ping = tokio::time::interval(Duration::from_millis(endpoint.ping_interval_ms));
             let mut last_heard = seam::now();
@@ -248,9 +285,9 @@ async fn connection(
             }
         };
         hub.close_conn(conn);
+        departure.reason = reason;
         let _ = tokio::time::timeout(Duration::from_millis(endpoint.hello_timeout_ms), sink.send(Message::Close(None))).await;
         info!(?reason, "agent connection ended");
-        let _ = core.input(Input::AgentGone { conn, agent, reason }).await;
     }
     .instrument(span)
     .await

@@ -90,6 +90,15 @@ impl Hub {
         (conn, rx)
     }
 
+    /// Connections open, and requests waiting for a reply (what a dropped
+    /// handler must not leave behind).
+    pub fn open_counts(&self) -> (usize, usize) {
+        (
+            self.conns.lock().expect("hub lock").len(),
+            self.replies.lock().expect("hub lock").len(),
+        )
+    }
+
     pub fn close_conn(&self, conn: ConnId) {
         self.conns.lock().expect("hub lock").remove(&conn);
     }

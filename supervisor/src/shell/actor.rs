@@ -59,6 +59,21 @@ impl CoreHandle {
             .map_err(|_| Stopped)
     }
 
+    /// Hands `input` to the core without waiting, for code that cannot
+    /// wait (a drop guard): at once if the channel has room, else from a
+    /// task of its own.
+    pub fn input_detached(&self, input: Input) {
+        match self.tx.try_send(Command::Input(input)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(command).await;
+                });
+            }
+        }
+    }
+
     /// Runs `read` against the core between two batches and returns its result.
     pub async fn query<T: Send + 'static>(
         &self,
