@@ -130,7 +130,7 @@ impl Checker for SingleRun {
                 self.thawed_at.insert(agent.clone(), e.at);
                 for ((_, _, a), by) in self.excused.iter_mut() {
                     if a == agent && by.is_none() {
-                        *by = Some(e.at + self.thaw_ms);
+                        *by = Some(e.at.saturating_add(self.thaw_ms));
                     }
                 }
             }
@@ -146,7 +146,7 @@ impl Checker for SingleRun {
                     let thawing = self
                         .thawed_at
                         .get(other_agent)
-                        .map(|at| at + self.thaw_ms)
+                        .map(|at| at.saturating_add(self.thaw_ms))
                         .filter(|by| e.at <= *by);
                     if self.frozen.contains(other_agent) {
                         self.excused.insert(key, None);
@@ -208,6 +208,7 @@ impl Checker for SingleRun {
 /// it again, and the API's final view agrees with it.
 struct TerminalFinal {
     ended: BTreeMap<u64, String>,
+    settled: bool,
 }
 
 impl Checker for TerminalFinal {
@@ -242,7 +243,9 @@ impl Checker for TerminalFinal {
                     self.ended.entry(*job).or_insert_with(|| reason.clone());
                 }
             }
-            Ev::Final { job, state, .. } if !state.is_terminal() => {
+            Ev::Settled { ok, .. } => self.settled = *ok,
+            // A run that did not settle is the liveness checker's to report.
+            Ev::Final { job, state, .. } if self.settled && !state.is_terminal() => {
                 out.push(violation(
                     self.name(),
                     e.at,
@@ -269,6 +272,8 @@ struct CancelFinal {
     started: BTreeMap<(u64, u32, String), u64>,
     connected: BTreeSet<String>,
     gone_at: BTreeMap<String, u64>,
+    frozen: BTreeSet<String>,
+    settled: bool,
     states: BTreeMap<u64, JobState>,
 }
 
@@ -318,9 +323,14 @@ impl Checker for CancelFinal {
             // A frozen agent cannot act on a kill until it thaws.
             Ev::Frozen { agent } => {
                 self.gone_at.insert(agent.clone(), e.at);
+                self.frozen.insert(agent.clone());
             }
+            Ev::Thawed { agent } => {
+                self.frozen.remove(agent);
+            }
+            Ev::Settled { ok, .. } => self.settled = *ok,
             // A supervisor that dies takes every connection with it.
-            Ev::Fault { what } if what.contains("Supervisor") => {
+            Ev::SupervisorDown => {
                 for agent in std::mem::take(&mut self.connected) {
                     self.gone_at.insert(agent, e.at);
                 }
@@ -353,7 +363,7 @@ impl Checker for CancelFinal {
                     return;
                 };
                 let natural = matches!(end, ProcessEnd::Exited | ProcessEnd::Crashed);
-                let told_by = stop.max(started) + self.kill_window_ms;
+                let told_by = stop.max(started).saturating_add(self.kill_window_ms);
                 let agent_left = self
                     .gone_at
                     .get(agent)
@@ -375,7 +385,14 @@ impl Checker for CancelFinal {
         }
     }
     fn finish(&mut self, end: u64, out: &mut Vec<Violation>) {
+        if !self.settled {
+            return;
+        }
         for ((job, attempt, agent), at) in &self.started {
+            // A process on a host frozen to the end cannot have been killed.
+            if self.frozen.contains(agent) {
+                continue;
+            }
             if self.states.get(job) == Some(&JobState::Canceled) {
                 out.push(violation(
                     self.name(),
@@ -432,7 +449,8 @@ impl Checker for AckedKept {
                     ));
                 }
             }
-            Ev::Settled { .. } => self.settled = true,
+            // Judged only on a run that settled and was listed.
+            Ev::Settled { ok, .. } => self.settled = *ok,
             _ => {}
         }
     }
@@ -605,6 +623,18 @@ impl Checker for Expectations<'_> {
     }
 }
 
+/// The slowest a message can be in the scenario: its topology's latency or
+/// any latency fault's.
+fn max_latency_ms(scenario: &Scenario) -> u64 {
+    scenario
+        .faults
+        .iter()
+        .filter_map(|f| f.latency_ms.map(|[_, hi]| hi))
+        .chain([scenario.topology.latency_ms[1]])
+        .max()
+        .unwrap_or(0)
+}
+
 /// Runs every checker over a trace; returns the violations in trace order.
 pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
     // Who submitted what, for the fairness check: (user, kind) per job id.
@@ -626,9 +656,10 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             running: BTreeMap::new(),
         }),
         Box::new(SingleRun {
-            // The agent's silence watchdog ticks every quarter ping timeout
-            // and it needs the timeout to pass; then a kill.
-            thaw_ms: scenario.topology.ping_timeout_ms * 2,
+            // A thawed agent past its fence kills at once; one whose fence
+            // is still ahead (a short freeze) kills when it comes, within a
+            // ping timeout or so, or hears the supervisor's kill.
+            thaw_ms: scenario.topology.ping_timeout_ms.saturating_mul(2),
             running: BTreeMap::new(),
             frozen: BTreeSet::new(),
             thawed_at: BTreeMap::new(),
@@ -636,16 +667,24 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
         }),
         Box::new(TerminalFinal {
             ended: BTreeMap::new(),
+            settled: false,
         }),
         Box::new(CancelFinal {
-            // A message slower than the ping timeout is a dead link, which
-            // the supervisor notices and reports.
-            kill_window_ms: scenario.topology.ping_timeout_ms,
+            // A kill on a live link arrives within the worst latency; a
+            // link that dies meanwhile is noticed within a ping timeout and
+            // interval, and reported (which excuses the agent).
+            kill_window_ms: scenario
+                .topology
+                .ping_timeout_ms
+                .saturating_add(scenario.topology.ping_interval_ms)
+                .saturating_add(2 * max_latency_ms(scenario)),
             canceled_at: BTreeMap::new(),
             stops: BTreeMap::new(),
             started: BTreeMap::new(),
             connected: BTreeSet::new(),
             gone_at: BTreeMap::new(),
+            frozen: BTreeSet::new(),
+            settled: false,
             states: BTreeMap::new(),
         }),
         Box::new(AckedKept {

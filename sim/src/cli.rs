@@ -231,7 +231,7 @@ fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool
             let again = run(&scenario, seed);
             if let Some(diff) = first_divergence(&result.trace, &again.trace, 5) {
                 println!("  nondeterministic: {diff}");
-                verdict = verdict.max(Verdict::Nondeterminism);
+                verdict = verdict.worst(Verdict::Nondeterminism);
             } else {
                 println!(
                     "  the second run gave the same {} entries",
@@ -257,7 +257,7 @@ fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool
                 file.display()
             );
         }
-        worst = worst.max(verdict);
+        worst = worst.worst(verdict);
     }
     worst as i32
 }
@@ -371,7 +371,7 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                     let again = run(&scenario, seed);
                     diverged = first_divergence(&result.trace, &again.trace, 5);
                     if diverged.is_some() {
-                        verdict = verdict.max(Verdict::Nondeterminism);
+                        verdict = verdict.worst(Verdict::Nondeterminism);
                     }
                 }
                 if verdict != Verdict::Pass {
@@ -413,7 +413,7 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
     for (seed, verdict, replay) in failures.iter() {
         println!("  seed {seed}: {}; {replay}", verdict.as_str());
     }
-    failures.iter().map(|f| f.1).max().unwrap_or(Verdict::Pass) as i32
+    failures.iter().fold(Verdict::Pass, |w, f| w.worst(f.1)) as i32
 }
 
 fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
@@ -454,7 +454,7 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
             sim_ms += result.sim_ms;
             wall += result.wall.as_secs_f64() * 1000.0;
             let verdict = result.verdict();
-            worst = worst.max(verdict);
+            worst = worst.worst(verdict);
             if verdict == Verdict::Pass {
                 row.passed += 1;
             } else {

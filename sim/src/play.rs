@@ -10,8 +10,8 @@ use crate::checkers::{check, Failure, Violation};
 use crate::scenario::Scenario;
 use crate::trace::Entry;
 
-/// How a run ended, worst first; also the CLI's exit code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// How a run ended; also the CLI's exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Pass = 0,
     Correctness = 1,
@@ -21,6 +21,27 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Worst first: a crash, then a run that did not repeat itself, then a
+    /// broken invariant, then a world that did not heal.
+    pub fn severity(self) -> u8 {
+        match self {
+            Verdict::Pass => 0,
+            Verdict::Liveness => 1,
+            Verdict::Correctness => 2,
+            Verdict::Nondeterminism => 3,
+            Verdict::Crash => 4,
+        }
+    }
+
+    /// The worse of two verdicts.
+    pub fn worst(self, other: Verdict) -> Verdict {
+        if other.severity() > self.severity() {
+            other
+        } else {
+            self
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Pass => "pass",

@@ -344,14 +344,14 @@ impl Scenario {
                 "the ping interval must be positive and shorter than the ping timeout".into(),
             ));
         }
-        if core.agent_grace_ms < 3 * topology.ping_interval_ms {
+        if core.agent_grace_ms < topology.ping_interval_ms.saturating_mul(3) {
             return Err(at(
                 find_line(text, "[topology.core]").or(topo_span.clone()),
                 "topology.core.agent_grace_ms",
                 format!(
                     "{} ms; at least three ping intervals ({} ms)",
                     core.agent_grace_ms,
-                    3 * topology.ping_interval_ms
+                    topology.ping_interval_ms.saturating_mul(3)
                 ),
             ));
         }

@@ -64,13 +64,17 @@ pub enum Ev {
     Fault {
         what: String,
     },
-    /// An agent's node stops (paused, killed) or goes on (resumed, restarted).
+    /// An agent's node is paused, and resumed (or killed or restarted,
+    /// which end the freeze too).
     Frozen {
         agent: String,
     },
     Thawed {
         agent: String,
     },
+    /// The supervisor node died (crashed, or restarted): every connection
+    /// went with it.
+    SupervisorDown,
     /// The core's own invariant check failed after a step.
     InvariantBroken {
         message: String,
@@ -281,6 +285,7 @@ pub fn summary(entries: &[Entry]) -> String {
             Ev::Fault { what } => format!("fault: {what}"),
             Ev::Frozen { agent } => format!("{agent} frozen"),
             Ev::Thawed { agent } => format!("{agent} thawed"),
+            Ev::SupervisorDown => "supervisor down".to_string(),
             Ev::InvariantBroken { message } => format!("INVARIANT BROKEN: {message}"),
             Ev::Settled { ok, detail } => format!("settled {ok}: {detail}"),
             Ev::Final {

@@ -467,18 +467,24 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
     for &i in &targets {
         let node = world.agents[i].id();
         match fault.action {
-            Action::PauseAgent => trace.push(Ev::Frozen {
+            Action::PauseAgent if !down.paused.contains(&i) => trace.push(Ev::Frozen {
                 agent: agent_name(i),
             }),
-            Action::ResumeAgent if down.paused.contains(&i) => trace.push(Ev::Thawed {
-                agent: agent_name(i),
-            }),
+            // A killed or restarted node is no longer frozen either.
+            Action::ResumeAgent | Action::KillAgent | Action::RestartAgent
+                if down.paused.contains(&i) =>
+            {
+                trace.push(Ev::Thawed {
+                    agent: agent_name(i),
+                })
+            }
             _ => {}
         }
         match fault.action {
             Action::KillAgent => {
                 handle.kill(node);
                 down.killed.insert(i);
+                down.paused.remove(&i);
             }
             Action::RestartAgent => {
                 // madsim's restart alone keeps a live node's sockets; a
@@ -519,11 +525,13 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
         Action::CrashSupervisor => {
             handle.kill(sup);
             trace.forget_core();
+            trace.push(Ev::SupervisorDown);
             down.supervisor = true;
         }
         Action::RestartSupervisor => {
             handle.kill(sup);
             trace.forget_core();
+            trace.push(Ev::SupervisorDown);
             handle.restart(sup);
             down.supervisor = false;
         }

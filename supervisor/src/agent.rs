@@ -63,10 +63,14 @@ pub struct Agent {
     /// From the latest welcome: how long runs may outlive a lost connection.
     fence_ms: Option<u64>,
     /// When the agent sent the latest hello or pong that the supervisor
-    /// confirms it received (until fenced). Receipt times of frames prove
-    /// nothing: a frozen host, thawed, reads frames that waited in its
-    /// buffers for as long as it was frozen.
+    /// confirms it received: a pong by a later ping's acknowledgement, a
+    /// hello by the first message of the core on that connection (a welcome
+    /// alone is not enough: the core may still refuse the agent). Receipt
+    /// times of frames prove nothing: a frozen host, thawed, reads frames
+    /// that waited in its buffers for as long as it was frozen.
     confirmed_at: Option<Millis>,
+    /// The runs were killed at the fence since the latest confirmation.
+    fenced: bool,
     /// When this connection's recent pings arrived (their pongs left then).
     pings: BTreeMap<u64, Millis>,
 }
@@ -97,15 +101,32 @@ impl Agent {
             events,
             fence_ms: None,
             confirmed_at: None,
+            fenced: false,
             pings: BTreeMap::new(),
         }
     }
 
     /// When the runs must be killed, if the connection is lost.
     fn fence_due(&self) -> Option<Millis> {
+        if self.fenced {
+            return None;
+        }
         self.confirmed_at
             .zip(self.fence_ms)
             .map(|(since, fence)| since.plus_ms(fence))
+    }
+
+    fn past_fence(&self) -> bool {
+        self.fence_due()
+            .is_some_and(|due| crate::seam::now() >= due)
+    }
+
+    /// The supervisor heard what the agent sent at `sent`.
+    fn confirm(&mut self, sent: Millis) {
+        if self.confirmed_at.is_none_or(|c| c < sent) {
+            self.confirmed_at = Some(sent);
+            self.fenced = false;
+        }
     }
 
     /// The supervisor has given up this agent's runs by now (or is about
@@ -121,7 +142,7 @@ impl Agent {
             fence_ms = self.fence_ms,
             killed, "supervisor out of reach past the fence; killing the runs it has given up"
         );
-        self.confirmed_at = None;
+        self.fenced = true;
     }
 
     /// A ping arrived: note when (its pong leaves now) and what it confirms.
@@ -135,10 +156,7 @@ impl Agent {
             self.pings.pop_first();
         }
         if let Some(&sent) = self.pings.get(&acked) {
-            // Never after a fence (which cleared it) from an old ping.
-            if self.confirmed_at.is_some_and(|c| c < sent) {
-                self.confirmed_at = Some(sent);
-            }
+            self.confirm(sent);
         }
     }
 
@@ -232,10 +250,8 @@ impl Agent {
 
     /// One connection, from connect to loss. `Err` if it never got welcomed.
     async fn session(&mut self) -> Result<Ended, String> {
-        // The hello leaves after this instant: a safe base for the fence.
-        let hello_at = crate::seam::now();
         let connect = connect(self.options.supervisor.clone(), self.hello());
-        let (mut sink, mut frames, welcome) = match self.fence_due() {
+        let (mut sink, mut frames, welcome, hello_at) = match self.fence_due() {
             Some(due) => crate::select! {
                 connected = connect => connected?,
                 () = crate::seam::sleep_until(due) => {
@@ -250,21 +266,27 @@ impl Agent {
             fence_ms,
         } = welcome;
         self.fence_ms = fence_ms;
-        self.confirmed_at = Some(hello_at);
         self.pings.clear();
         info!("connected");
+        let bound = Duration::from_millis(silence_ms);
         // Results finished while away go now, one frame each.
         for (key, report) in self.outbox.clone() {
             let msg = finished_msg(key, report);
-            sink.send(Message::text(protocol::encode(&msg)))
-                .await
-                .map_err(|e| e.to_string())?;
+            if let Err(why) = send_within(&mut sink, &msg, self.fence_due(), bound).await {
+                return self.send_failed(why);
+            }
         }
         // The supervisor pings every ping_interval_ms: silence longer than its
         // ping timeout means the connection is dead even if TCP says nothing.
         let mut last_heard = crate::seam::now();
         let mut watchdog = tokio::time::interval(Duration::from_millis((silence_ms / 4).max(10)));
         loop {
+            // Past the fence nothing else may happen (outside a simulation
+            // `select!` starts at a random branch: check first).
+            if self.past_fence() {
+                self.fence();
+                return Ok(Ended::Lost("no pong confirmed within the fence".into()));
+            }
             let fence = self.fence_due();
             crate::select! {
                 // First: past the fence, nothing else may start.
@@ -277,9 +299,21 @@ impl Agent {
                     match frame {
                         Some(Ok(Message::Text(text))) => match protocol::decode_to_agent(text.as_str()) {
                             Ok(msg) => {
+                                // The core sends only to an agent it accepted,
+                                // after it heard the hello.
+                                if !matches!(msg, ToAgentMsg::Welcome { .. }) {
+                                    self.confirm(hello_at);
+                                }
+                                // A message that waited past the fence (in a
+                                // frozen host's buffers, say) is not obeyed: a
+                                // run it orders has been given up already.
+                                if self.past_fence() {
+                                    self.fence();
+                                    return Ok(Ended::Lost("no pong confirmed within the fence".into()));
+                                }
                                 if let Some(reply) = self.obey(msg) {
-                                    if sink.send(Message::text(protocol::encode(&reply))).await.is_err() {
-                                        return Ok(Ended::Lost("send failed".into()));
+                                    if let Err(why) = send_within(&mut sink, &reply, self.fence_due(), bound).await {
+                                        return self.send_failed(why);
                                     }
                                 }
                             }
@@ -297,8 +331,8 @@ impl Agent {
                 }
                 Some(event) = self.events.recv() => {
                     if let Some(msg) = self.absorb(event) {
-                        if sink.send(Message::text(protocol::encode(&msg))).await.is_err() {
-                            return Ok(Ended::Lost("send failed".into()));
+                        if let Err(why) = send_within(&mut sink, &msg, self.fence_due(), bound).await {
+                            return self.send_failed(why);
                         }
                     }
                 }
@@ -309,6 +343,14 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// A send did not go through: at the fence, the runs die first.
+    fn send_failed(&mut self, why: SendFailed) -> Result<Ended, String> {
+        if why == SendFailed::Fence {
+            self.fence();
+        }
+        Ok(Ended::Lost(format!("send failed: {why:?}")))
     }
 
     /// Carries out one supervisor message; returns what to answer at once.
@@ -402,6 +444,34 @@ impl Agent {
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum SendFailed {
+    Closed,
+    /// The supervisor did not take it within its ping timeout.
+    Stalled,
+    /// The fence came first.
+    Fence,
+}
+
+/// Sends `msg`, giving up at the fence or after `bound` (a peer that stops
+/// reading must not hold the agent past either).
+async fn send_within(
+    sink: &mut WsSink,
+    msg: &FromAgent,
+    fence: Option<Millis>,
+    bound: Duration,
+) -> Result<(), SendFailed> {
+    let send = tokio::time::timeout(bound, sink.send(Message::text(protocol::encode(msg))));
+    crate::select! {
+        () = crate::seam::sleep_until(fence.unwrap_or_default()), if fence.is_some() => Err(SendFailed::Fence),
+        sent = send => match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendFailed::Closed),
+            Err(_) => Err(SendFailed::Stalled),
+        },
+    }
+}
+
 /// What the agent keeps of a welcome.
 struct Welcome {
     ping_timeout_ms: u64,
@@ -417,7 +487,7 @@ type WsFrames = futures_util::stream::SplitStream<WsStream>;
 async fn connect(
     supervisor: String,
     hello: FromAgent,
-) -> Result<(WsSink, WsFrames, Welcome), String> {
+) -> Result<(WsSink, WsFrames, Welcome, Millis), String> {
     let bound = Duration::from_millis(CONNECT_TIMEOUT_MS);
     let stream = tokio::time::timeout(bound, TcpStream::connect(&supervisor))
         .await
@@ -435,6 +505,8 @@ async fn connect(
         .map_err(|_| "websocket handshake timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let (mut sink, mut frames) = ws.split();
+    // The hello leaves after this instant: the supervisor hears it later.
+    let hello_at = crate::seam::now();
     sink.send(Message::text(protocol::encode(&hello)))
         .await
         .map_err(|e| e.to_string())?;
@@ -454,7 +526,7 @@ async fn connect(
         Ok(other) => return Err(format!("no welcome: {other:?}")),
         Err(_) => return Err("no welcome in time".to_string()),
     };
-    Ok((sink, frames, welcome))
+    Ok((sink, frames, welcome, hello_at))
 }
 
 fn finished_msg(key: Key, report: FinishedReport) -> FromAgent {

@@ -961,6 +961,19 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
         .iter()
         .any(|e| matches!(e, Effect::Close { .. })));
     assert_eq!(h.core.agents().count(), 0);
+    // The bound itself is allowed.
+    let effects = h.connect("a2", 256);
+    assert!(events(&effects, EventKind::AgentRefused).is_empty());
+    assert_eq!(h.core.agents().count(), 1);
+}
+
+#[test]
+fn core_clock_reads_the_time_of_the_latest_input() {
+    let mut h = harness();
+    h.advance(1_234);
+    assert_eq!(h.core.now(), Millis(h.now));
+    h.connect("a1", 1);
+    assert_eq!(h.core.now(), Millis(h.now));
 }
 
 #[test]

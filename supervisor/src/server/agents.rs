@@ -45,22 +45,17 @@ pub fn fence_ms(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> u64 {
 
 /// `agent_grace_ms` must be at least three ping intervals (see `fence_ms`).
 pub fn check_fence(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> Result<(), String> {
-    if agent_grace_ms < 3 * endpoint.ping_interval_ms {
+    if agent_grace_ms < endpoint.ping_interval_ms.saturating_mul(3) {
         return Err(format!(
             "agent_grace_ms ({agent_grace_ms}) must be at least three ping intervals ({} ms): \
              an agent out of touch kills its jobs a ping interval before the grace ends, \
              and a healthy link confirms a pong only every interval or so",
-            3 * endpoint.ping_interval_ms
+            endpoint.ping_interval_ms.saturating_mul(3)
         ));
     }
     Ok(())
 }
 
-/// The websocket settings of both ends. The read buffer is small because
-/// tungstenite zero-fills the whole of it before every read: at its default
-/// (128 KiB) that memset was the largest single cost of a simulated run, and
-/// the same cost per frame in production. Larger frames are still read, in
-/// several reads.
 /// Tells the hub and the core that a connection is over, when dropped.
 struct Departure {
     hub: Arc<Hub>,
@@ -85,6 +80,11 @@ impl Drop for Departure {
     }
 }
 
+/// The websocket settings of both ends. The read buffer is small because
+/// tungstenite zero-fills the whole of it before every read: at its default
+/// (128 KiB) that memset was the largest single cost of a simulated run, and
+/// the same cost per frame in production. Larger frames are still read, in
+/// several reads.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
