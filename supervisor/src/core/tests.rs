@@ -13,6 +13,91 @@ fn harness() -> Harness {
 // ---- submit --------------------------------------------------------------
 
 #[test]
+fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
+    let mut h = harness();
+    let limits = SubmitLimits::default();
+    let cpus_max = h
+        .core
+        .config()
+        .agent_cpus_max
+        .min(h.core.config().pool_cpus(Kind::Sequential));
+    let argv: Vec<String> = (0..limits.argv_items_max)
+        .map(|i| format!("a{i}"))
+        .collect();
+    let at_bounds = [
+        SubmitSpec {
+            argv: argv.clone(),
+            ..cmd(&[])
+        },
+        SubmitSpec {
+            cpus: cpus_max,
+            ..cmd(&["x"])
+        },
+        SubmitSpec {
+            max_attempts: limits.attempts_max,
+            ..cmd(&["x"])
+        },
+    ];
+    for spec in at_bounds {
+        let reply = h.try_submit("ana", "premium", spec.clone());
+        assert!(
+            matches!(reply, Reply::Submitted { .. }),
+            "{reply:?} for argv {} cpus {} attempts {}",
+            spec.argv.len(),
+            spec.cpus,
+            spec.max_attempts
+        );
+    }
+    let over = [
+        SubmitSpec {
+            argv: argv
+                .iter()
+                .cloned()
+                .chain(["one more".to_string()])
+                .collect(),
+            ..cmd(&[])
+        },
+        SubmitSpec {
+            cpus: cpus_max + 1,
+            ..cmd(&["x"])
+        },
+        SubmitSpec {
+            max_attempts: limits.attempts_max + 1,
+            ..cmd(&["x"])
+        },
+    ];
+    for spec in over {
+        let reply = h.try_submit("ana", "premium", spec);
+        assert!(matches!(reply, Reply::Rejected { .. }), "{reply:?}");
+    }
+}
+
+#[test]
+fn output_tails_and_reasons_are_cut_to_their_bounds_on_character_boundaries() {
+    assert_eq!(spec::tail("\u{e9}\u{e9}", 3), "\u{e9}");
+    assert_eq!(spec::tail("abc", 3), "abc");
+    assert_eq!(spec::tail("abcd", 3), "bcd");
+    let mut h = harness();
+    h.connect("a1", 1);
+    let job = h.submit("ana", "basic", cmd(&["x"]));
+    h.started("a1", job, 1);
+    let error = "\u{e9}".repeat(10_000);
+    h.finished("a1", job, 1, Outcome::SpawnFailed { error });
+    let record = h.state_record(job);
+    let max = h.core.config().reason_bytes_max;
+    assert!(
+        record.reason.len() <= max,
+        "{} > {max}",
+        record.reason.len()
+    );
+    assert!(
+        record.reason.len() > max / 2,
+        "cut too much: {}",
+        record.reason.len()
+    );
+}
+
+#[test]
 fn submit_bad_input_gets_a_typed_error_and_nothing_is_queued() {
     let mut h = harness();
     let limits = SubmitLimits::default();
