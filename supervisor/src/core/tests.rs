@@ -1050,6 +1050,25 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
     let effects = h.connect("a2", 256);
     assert!(events(&effects, EventKind::AgentRefused).is_empty());
     assert_eq!(h.core.agents().count(), 1);
+    // Labels: as many as a job may carry, no more.
+    let max = h.core.config().submit.labels_max;
+    for (name, count, refused) in [("a3", max, false), ("a4", max + 1, true)] {
+        let labels = (0..count)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let effects = h.step(Input::AgentConnected {
+            conn: ConnId(900 + count as u64),
+            agent: AgentId::new(name),
+            cpus: 1,
+            labels,
+            attempts: Vec::new(),
+        });
+        assert_eq!(
+            events(&effects, EventKind::AgentRefused).len(),
+            usize::from(refused),
+            "{count} labels"
+        );
+    }
 }
 
 #[test]
