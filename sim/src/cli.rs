@@ -207,28 +207,37 @@ fn print_result(label: &str, result: &RunResult) {
     }
 }
 
-fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool) -> i32 {
-    let files = match scenario_files(paths) {
-        Ok(files) => files,
-        Err(e) => {
-            eprintln!("{e}");
-            return USAGE;
-        }
-    };
-    let mut worst = Verdict::Pass;
-    for file in &files {
-        let scenario = match Scenario::load(file) {
-            Ok(s) => s,
+/// Every scenario named (directories expanded), each checked before any
+/// runs; on an error, it is printed and the exit code returned.
+fn load_scenarios(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, i32> {
+    let files = scenario_files(paths).map_err(|e| {
+        eprintln!("{e}");
+        USAGE
+    })?;
+    files
+        .into_iter()
+        .map(|file| match Scenario::load(&file) {
+            Ok(scenario) => Ok((file, scenario)),
             Err(e) => {
                 eprintln!("{e}");
-                return USAGE;
+                Err(USAGE)
             }
-        };
-        let result = run(&scenario, seed);
+        })
+        .collect()
+}
+
+fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool) -> i32 {
+    let scenarios = match load_scenarios(paths) {
+        Ok(scenarios) => scenarios,
+        Err(code) => return code,
+    };
+    let mut worst = Verdict::Pass;
+    for (file, scenario) in &scenarios {
+        let result = run(scenario, seed);
         print_result(&scenario.name, &result);
         let mut verdict = result.verdict();
         if twice {
-            let again = run(&scenario, seed);
+            let again = run(scenario, seed);
             if let Some(diff) = first_divergence(&result.trace, &again.trace, 5) {
                 println!("  nondeterministic: {diff}");
                 verdict = verdict.worst(Verdict::Nondeterminism);
@@ -240,7 +249,7 @@ fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool
             }
         }
         if let Some(path) = trace {
-            let target = if files.len() > 1 {
+            let target = if scenarios.len() > 1 {
                 let _ = std::fs::create_dir_all(path);
                 path.join(format!("{}.jsonl", scenario.name))
             } else {
@@ -417,12 +426,9 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
 }
 
 fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
-    let files = match scenario_files(&[dir.to_path_buf()]) {
-        Ok(files) => files,
-        Err(e) => {
-            eprintln!("{e}");
-            return USAGE;
-        }
+    let scenarios = match load_scenarios(&[dir.to_path_buf()]) {
+        Ok(scenarios) => scenarios,
+        Err(code) => return code,
     };
     let timelines = out.join("timelines");
     if let Err(e) = std::fs::create_dir_all(&timelines) {
@@ -431,14 +437,7 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
     }
     let mut rows = Vec::new();
     let mut worst = Verdict::Pass;
-    for file in &files {
-        let scenario = match Scenario::load(file) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("{e}");
-                return USAGE;
-            }
-        };
+    for (_, scenario) in &scenarios {
         let mut row = foreman_sim::report::Row {
             name: scenario.name.clone(),
             description: scenario.description.clone(),
@@ -450,7 +449,7 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
         };
         let (mut sim_ms, mut wall) = (0u64, 0.0f64);
         for seed in 1..=seeds {
-            let result = run(&scenario, seed);
+            let result = run(scenario, seed);
             sim_ms += result.sim_ms;
             wall += result.wall.as_secs_f64() * 1000.0;
             let verdict = result.verdict();
