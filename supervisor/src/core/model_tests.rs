@@ -694,10 +694,13 @@ fn model_a_snapshot_that_does_not_hold_together_is_an_error() {
     queues.queues.clear();
     let mut orphan = good.clone();
     orphan.agents.clear();
+    let mut three = good.clone();
+    three.queues.push(Vec::new());
     for (what, broken) in [
         ("a user twice", twice),
         ("no queues", queues),
         ("no agents", orphan),
+        ("three queue kinds", three),
     ] {
         if broken == good {
             continue;
@@ -706,7 +709,7 @@ fn model_a_snapshot_that_does_not_hold_together_is_an_error() {
             .jobs
             .iter()
             .any(|j| j.held().is_some() || j.state == JobState::Queued);
-        if !held_or_queued && what != "a user twice" {
+        if !held_or_queued && what != "a user twice" && what != "three queue kinds" {
             continue;
         }
         assert!(Core::from_snapshot(broken).is_err(), "{what} was accepted");

@@ -1293,6 +1293,17 @@ fn restore_refuses_jobs_the_configuration_can_no_longer_serve() {
     assert!(Core::restore(basic_config(), now, vec![zero], next).is_err());
     assert!(Core::restore(basic_config(), now, records, next).is_ok());
     let _ = running;
+    // A job still waiting in the queue is held to the same rules.
+    let mut h = harness();
+    let queued = h.submit("ana", "premium", cmd(&["x"]));
+    assert_eq!(h.state(queued), JobState::Queued);
+    let records: Vec<Job> = h.store.values().cloned().collect();
+    let mut no_premium = basic_config();
+    no_premium.plans.remove("premium");
+    assert!(
+        Core::restore(no_premium, Millis(h.now), records, h.core.next_job_id()).is_err(),
+        "a queued job naming a missing plan was restored"
+    );
 }
 
 #[test]
