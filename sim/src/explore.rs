@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -155,11 +155,7 @@ fn in_simulation(seed: u64, work: impl FnOnce() -> Work + Send + 'static) -> Res
     .join();
     match joined {
         Ok(result) => result,
-        Err(panic) => Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into())),
+        Err(panic) => Err(crate::trace::panic_message(&*panic)),
     }
 }
 
@@ -399,7 +395,7 @@ fn cut(path: &'static str, limit: usize) -> Work {
                     .expect("node")
                     .map(|(_, polls)| polls);
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                let orphans = running_processes(&trace);
+                let orphans = trace.running_processes().len();
                 if orphans > 0 {
                     problems.push(format!(
                         "{orphans} simulated process(es) still run after their agent was dropped"
@@ -465,23 +461,4 @@ fn agent_node(
     };
     node.spawn(Agent::new(agent_options(addr, attempts), Arc::new(runner)).run());
     node
-}
-
-fn running_processes(trace: &Trace) -> usize {
-    let started = Mutex::new(std::collections::BTreeSet::new());
-    trace.with(|entries| {
-        for e in entries {
-            match &e.ev {
-                Ev::ProcessStarted { job, attempt, .. } => {
-                    started.lock().expect("set").insert((*job, *attempt));
-                }
-                Ev::ProcessEnded { job, attempt, .. } => {
-                    started.lock().expect("set").remove(&(*job, *attempt));
-                }
-                _ => {}
-            }
-        }
-    });
-    let n = started.lock().expect("set").len();
-    n
 }

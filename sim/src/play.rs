@@ -126,19 +126,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> RunResult {
             seed,
             trace: Vec::new(),
             violations: Vec::new(),
-            crash: Some(panic_message(crash)),
+            crash: Some(crate::trace::panic_message(&*crash)),
             sim_ms: 0,
             wall,
         },
     }
-}
-
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
 }
 
 type Crash = Box<dyn std::any::Any + Send>;

@@ -176,6 +176,35 @@ impl Trace {
         self.inner.lock().expect("trace lock").core = None;
     }
 
+    /// The simulated processes started and not yet ended: (job, attempt, agent).
+    pub fn running_processes(&self) -> std::collections::BTreeSet<(u64, u32, String)> {
+        self.with(|entries| {
+            let mut running = std::collections::BTreeSet::new();
+            for e in entries {
+                match &e.ev {
+                    Ev::ProcessStarted {
+                        job,
+                        attempt,
+                        agent,
+                        ..
+                    } => {
+                        running.insert((*job, *attempt, agent.clone()));
+                    }
+                    Ev::ProcessEnded {
+                        job,
+                        attempt,
+                        agent,
+                        ..
+                    } => {
+                        running.remove(&(*job, *attempt, agent.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            running
+        })
+    }
+
     /// Reads the trace so far without copying it.
     pub fn with<T>(&self, f: impl FnOnce(&[Entry]) -> T) -> T {
         f(&self.inner.lock().expect("trace lock").entries)
@@ -193,11 +222,7 @@ impl foreman::server::executor::Observer for Trace {
         let checked =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.check_invariants()));
         if let Err(panic) = checked {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "invariant check panicked".into());
+            let message = panic_message(&*panic);
             self.push(Ev::InvariantBroken { message });
         }
         let view = CoreView {
@@ -298,4 +323,13 @@ pub fn summary(entries: &[Entry]) -> String {
         out.push_str(&format!("{:>7} {line}\n", e.at));
     }
     out
+}
+
+/// What a panic said.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }

@@ -22,7 +22,7 @@ use madsim::runtime::{Handle, NodeHandle};
 
 use crate::runner::{process_env, SimRunner};
 use crate::scenario::{Action, Fault, JobPlan, Scenario, Situation, Target};
-use crate::trace::{CoreView, Entry, Ev, ProcessEnd, Trace};
+use crate::trace::{CoreView, Entry, Ev, Trace};
 
 pub const ADMIN_TOKEN: &str = "sim-admin-token";
 pub const AGENT_TOKEN: &str = "sim-agent-token";
@@ -599,38 +599,11 @@ async fn settle(world: &World, scenario: &Scenario, trace: &Trace, ids: &Ids, do
 }
 
 fn running_processes(trace: &Trace, agents: &[String]) -> usize {
-    trace.with(|entries| {
-        let mut running = std::collections::BTreeSet::new();
-        for e in entries {
-            match &e.ev {
-                Ev::ProcessStarted {
-                    job,
-                    attempt,
-                    agent,
-                    ..
-                } => {
-                    running.insert((*job, *attempt, agent.clone()));
-                }
-                Ev::ProcessEnded {
-                    job,
-                    attempt,
-                    agent,
-                    end:
-                        ProcessEnd::Exited
-                        | ProcessEnd::Crashed
-                        | ProcessEnd::Killed
-                        | ProcessEnd::Vanished,
-                } => {
-                    running.remove(&(*job, *attempt, agent.clone()));
-                }
-                _ => {}
-            }
-        }
-        running
-            .iter()
-            .filter(|(_, _, a)| agents.contains(a))
-            .count()
-    })
+    trace
+        .running_processes()
+        .iter()
+        .filter(|(_, _, a)| agents.contains(a))
+        .count()
 }
 
 /// Every job as the API lists it, into the trace.
