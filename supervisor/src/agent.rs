@@ -116,9 +116,8 @@ impl Agent {
             .map(|(since, fence)| since.plus_ms(fence))
     }
 
-    fn past_fence(&self) -> bool {
-        self.fence_due()
-            .is_some_and(|due| crate::seam::now() >= due)
+    fn past_fence(&self, now: Millis) -> bool {
+        self.fence_due().is_some_and(|due| now >= due)
     }
 
     /// The supervisor heard what the agent sent at `sent`.
@@ -145,12 +144,12 @@ impl Agent {
         self.fenced = true;
     }
 
-    /// A ping arrived: note when (its pong leaves now) and what it confirms.
-    fn pinged(&mut self, payload: &[u8]) {
+    /// A ping arrived at `now`: note when (its pong leaves then) and what it
+    /// confirms.
+    fn pinged(&mut self, payload: &[u8], now: Millis) {
         let Some((seq, acked)) = protocol::parse_ping_payload(payload) else {
             return;
         };
-        let now = crate::seam::now();
         self.pings.insert(seq, now);
         while self.pings.len() > PINGS_KEPT {
             self.pings.pop_first();
@@ -283,7 +282,7 @@ impl Agent {
         loop {
             // Past the fence nothing else may happen (outside a simulation
             // `select!` starts at a random branch: check first).
-            if self.past_fence() {
+            if self.past_fence(crate::seam::now()) {
                 self.fence();
                 return Ok(Ended::Lost("no pong confirmed within the fence".into()));
             }
@@ -307,7 +306,7 @@ impl Agent {
                                 // A message that waited past the fence (in a
                                 // frozen host's buffers, say) is not obeyed: a
                                 // run it orders has been given up already.
-                                if self.past_fence() {
+                                if self.past_fence(crate::seam::now()) {
                                     self.fence();
                                     return Ok(Ended::Lost("no pong confirmed within the fence".into()));
                                 }
@@ -324,7 +323,7 @@ impl Agent {
                         },
                         Some(Ok(Message::Close(_))) | None => return Ok(Ended::Lost("closed".into())),
                         // The websocket layer answers it with a pong.
-                        Some(Ok(Message::Ping(payload))) => self.pinged(&payload),
+                        Some(Ok(Message::Ping(payload))) => self.pinged(&payload, crate::seam::now()),
                         Some(Ok(_)) => {}
                         Some(Err(e)) => return Ok(Ended::Lost(e.to_string())),
                     }
@@ -556,3 +555,6 @@ pub fn backoff_ms(options: &AgentOptions, failures: u32) -> u64 {
     let jitter = crate::seam::random_u64() % (exp / 2 + 1);
     exp / 2 + jitter
 }
+
+#[cfg(test)]
+mod tests;

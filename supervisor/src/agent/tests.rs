@@ -1,0 +1,356 @@
+//! The agent's own rules, without a supervisor: when it fences, what a
+//! ping confirms, what it runs, keeps and forgets, and how it backs off.
+//! The whole agent against the real server is tested in the simulator
+//! (`foreman-sim`) and end to end (`tests/`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::*;
+use crate::core::{JobSpec, KillReason, Kind, StopReason};
+use crate::protocol::ping_payload;
+
+/// Counts the runs it is given. Each run waits for its kill and ends
+/// `Killed`, or ends `Exited { code: 0 }` at once when its command is
+/// `done`.
+#[derive(Default)]
+struct Counting {
+    runs: AtomicUsize,
+}
+
+impl Runner for Counting {
+    fn run(&self, order: RunOrder, control: RunControl) -> runner::RunFuture {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let _ = control.started.send(());
+            let outcome = if order.spec.argv[0] == "done" {
+                Outcome::Exited { code: 0 }
+            } else {
+                let _ = control.kill.await;
+                Outcome::Killed
+            };
+            FinishedReport {
+                outcome,
+                output_tail: String::new(),
+                run_ms: 0,
+            }
+        })
+    }
+}
+
+fn options() -> AgentOptions {
+    AgentOptions {
+        // Nothing listens on port 1.
+        supervisor: "127.0.0.1:1".into(),
+        token: "t".into(),
+        agent_id: "a1".into(),
+        cpus: 2,
+        labels: BTreeMap::new(),
+        work_dir: PathBuf::from("work"),
+        reconnect_min_ms: 4,
+        reconnect_max_ms: 64,
+        reconnect_attempts_max: None,
+    }
+}
+
+fn new_agent() -> (Agent, Arc<Counting>) {
+    let runner = Arc::new(Counting::default());
+    (Agent::new(options(), runner.clone()), runner)
+}
+
+fn run(job: u64, command: &str) -> ToAgentMsg {
+    ToAgentMsg::Run {
+        job: JobId(job),
+        attempt: 1,
+        spec: Arc::new(JobSpec {
+            argv: vec![command.into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            labels: BTreeMap::new(),
+            kind: Kind::Sequential,
+            cpus: 1,
+            max_run_secs: 60,
+            queue_timeout_secs: None,
+            max_attempts: 1,
+            idempotency_key: None,
+        }),
+    }
+}
+
+fn keys_in_hello(agent: &Agent) -> Vec<(u64, u32)> {
+    match agent.hello() {
+        FromAgent::Hello { attempts, .. } => attempts
+            .iter()
+            .map(|a| {
+                assert!(a.finished.is_none(), "a hello names attempts by key only");
+                (a.job.0, a.attempt)
+            })
+            .collect(),
+        other => panic!("not a hello: {other:?}"),
+    }
+}
+
+#[test]
+fn the_fence_falls_a_fence_after_the_latest_confirmation_and_fires_once() {
+    let (mut agent, _) = new_agent();
+    assert_eq!(agent.fence_due(), None, "nothing confirmed yet");
+    agent.confirm(Millis(1_000));
+    assert_eq!(agent.fence_due(), None, "a supervisor that sets no fence");
+    assert!(!agent.past_fence(Millis(u64::MAX)));
+
+    agent.fence_ms = Some(300);
+    assert_eq!(agent.fence_due(), Some(Millis(1_300)));
+    assert!(!agent.past_fence(Millis(1_299)));
+    assert!(agent.past_fence(Millis(1_300)), "due at the instant itself");
+
+    agent.confirm(Millis(900));
+    assert_eq!(
+        agent.fence_due(),
+        Some(Millis(1_300)),
+        "an older one moves nothing"
+    );
+    agent.confirm(Millis(1_200));
+    assert_eq!(agent.fence_due(), Some(Millis(1_500)));
+
+    agent.fence();
+    assert!(agent.fenced);
+    assert_eq!(agent.fence_due(), None, "fenced once, not again and again");
+    assert!(!agent.past_fence(Millis(u64::MAX)));
+    agent.confirm(Millis(1_200));
+    assert!(agent.fenced, "the same confirmation again is nothing new");
+
+    agent.confirm(Millis(1_600));
+    assert!(!agent.fenced, "a newer confirmation arms it again");
+    assert_eq!(agent.fence_due(), Some(Millis(1_900)));
+}
+
+#[test]
+fn a_ping_confirms_the_pong_of_the_ping_it_acknowledges_within_a_bounded_window() {
+    let (mut agent, _) = new_agent();
+    agent.pinged(&ping_payload(1, 0), Millis(100));
+    assert_eq!(agent.confirmed_at, None, "no pong of ours was numbered 0");
+    agent.pinged(&ping_payload(2, 1), Millis(200));
+    assert_eq!(
+        agent.confirmed_at,
+        Some(Millis(100)),
+        "ping 1's pong left at 100"
+    );
+    agent.pinged(b"not ours", Millis(250));
+    assert_eq!(agent.pings.len(), 2, "a payload of another kind is no ping");
+
+    // The window holds the latest PINGS_KEPT pings: 64 of them.
+    let (mut agent, _) = new_agent();
+    for seq in 1..=64 {
+        agent.pinged(&ping_payload(seq, 0), Millis(1_000 + seq));
+    }
+    assert_eq!(agent.pings.len(), PINGS_KEPT);
+    // Ping 65 pushes ping 1 out before its acknowledgement is looked up.
+    agent.pinged(&ping_payload(65, 1), Millis(1_065));
+    assert_eq!(agent.confirmed_at, None, "ping 1 is forgotten");
+    assert_eq!(agent.pings.len(), PINGS_KEPT);
+    agent.pinged(&ping_payload(66, 3), Millis(1_066));
+    assert_eq!(
+        agent.confirmed_at,
+        Some(Millis(1_003)),
+        "ping 3 is the oldest kept"
+    );
+}
+
+#[tokio::test]
+async fn it_runs_an_attempt_once_keeps_its_result_until_acknowledged_and_kills_on_request() {
+    let (mut agent, runner) = new_agent();
+    assert_eq!(agent.obey(run(1, "wait")), None);
+    assert_eq!(agent.obey(run(1, "wait")), None, "told twice");
+    assert_eq!(runner.runs.load(Ordering::SeqCst), 1, "it runs once");
+
+    let started = agent.events.recv().await.expect("an event");
+    assert_eq!(
+        agent.absorb(started),
+        Some(FromAgent::Started {
+            job: JobId(1),
+            attempt: 1
+        })
+    );
+    assert!(agent.running[&(JobId(1), 1)].started);
+    assert_eq!(
+        keys_in_hello(&agent),
+        vec![(1, 1)],
+        "a running attempt is named"
+    );
+
+    let kill = ToAgentMsg::Kill {
+        job: JobId(1),
+        attempt: 1,
+        reason: KillReason::Stop(StopReason::Cancel),
+    };
+    assert_eq!(agent.obey(kill), None);
+    let finished = agent.events.recv().await.expect("an event");
+    match agent.absorb(finished) {
+        Some(FromAgent::Finished {
+            job: JobId(1),
+            attempt: 1,
+            outcome: Outcome::Killed,
+            ..
+        }) => {}
+        other => panic!("expected its killed result, got {other:?}"),
+    }
+    assert!(agent.running.is_empty());
+    assert_eq!(
+        keys_in_hello(&agent),
+        vec![(1, 1)],
+        "an unacknowledged result is named"
+    );
+
+    // Its result is kept; the same order again is not a new run.
+    assert_eq!(agent.obey(run(1, "wait")), None);
+    assert_eq!(
+        runner.runs.load(Ordering::SeqCst),
+        1,
+        "a finished attempt is not run again"
+    );
+
+    assert_eq!(
+        agent.obey(ToAgentMsg::Ack {
+            job: JobId(1),
+            attempt: 1
+        }),
+        None
+    );
+    assert!(agent.outbox.is_empty());
+    assert_eq!(keys_in_hello(&agent), vec![]);
+
+    // An event for an attempt it no longer holds says nothing.
+    assert_eq!(agent.absorb(RunEvent::Started((JobId(1), 1))), None);
+    // Neither does a kill for one it never had.
+    let stray = ToAgentMsg::Kill {
+        job: JobId(9),
+        attempt: 1,
+        reason: KillReason::NotOwned,
+    };
+    assert_eq!(agent.obey(stray), None);
+}
+
+#[tokio::test]
+async fn the_fence_kills_every_run_and_their_results_still_reach_the_outbox() {
+    let (mut agent, _) = new_agent();
+    agent.obey(run(1, "wait"));
+    agent.obey(run(2, "wait"));
+    agent.fence();
+    assert!(agent.fenced);
+    let mut finished = Vec::new();
+    while finished.len() < 2 {
+        let event = agent.events.recv().await.expect("an event");
+        if let Some(FromAgent::Finished { job, outcome, .. }) = agent.absorb(event) {
+            assert_eq!(outcome, Outcome::Killed);
+            finished.push(job.0);
+        }
+    }
+    finished.sort();
+    assert_eq!(finished, vec![1, 2]);
+    assert_eq!(keys_in_hello(&agent), vec![(1, 1), (2, 1)]);
+}
+
+#[tokio::test]
+async fn reconnects_back_off_exponentially_within_bounds_with_jitter_over_the_upper_half() {
+    let options = options(); // 4 ms doubling to at most 64 ms
+    for (failures, exp) in [(1, 4), (2, 8), (3, 16), (5, 64), (6, 64), (40, 64)] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2_000 {
+            let wait = backoff_ms(&options, failures);
+            assert!(
+                (exp / 2..=exp).contains(&wait),
+                "after {failures} failures: {wait} ms is outside {}..={exp}",
+                exp / 2
+            );
+            seen.insert(wait);
+        }
+        if exp == 4 {
+            // Every value of the range is drawn, both ends included.
+            assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![2, 3, 4]);
+        } else {
+            assert!(
+                seen.len() > 2,
+                "after {failures} failures: no jitter: {seen:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
+    let options = AgentOptions {
+        reconnect_attempts_max: Some(3),
+        ..options()
+    };
+    let agent = Agent::new(options, Arc::new(Counting::default()));
+    match agent.run().await {
+        Err(AgentError::GaveUp(failures)) => assert_eq!(failures, 3),
+        Ok(()) => panic!("it cannot succeed with nobody to connect to"),
+    }
+}
+
+#[tokio::test]
+async fn a_failed_send_kills_the_runs_only_at_the_fence() {
+    let (mut agent, _) = new_agent();
+    agent.obey(run(1, "wait"));
+    let key = (JobId(1), 1);
+    for why in [SendFailed::Closed, SendFailed::Stalled] {
+        let _ = agent.send_failed(why);
+        assert!(!agent.fenced);
+        assert!(
+            agent.running[&key].kill.is_some(),
+            "a lost connection alone kills nothing"
+        );
+    }
+    let _ = agent.send_failed(SendFailed::Fence);
+    assert!(agent.fenced);
+    assert!(agent.running[&key].kill.is_none(), "its kill was sent");
+}
+
+/// A supervisor that welcomes each connection and hangs up at once.
+async fn welcome_and_hang_up(listener: &tokio::net::TcpListener) {
+    let (stream, _) = listener.accept().await.expect("accept");
+    let mut ws = tokio_tungstenite::accept_async(stream)
+        .await
+        .expect("websocket");
+    let hello = ws.next().await;
+    assert!(matches!(hello, Some(Ok(Message::Text(_)))), "{hello:?}");
+    let welcome = ToAgentMsg::Welcome {
+        v: protocol::VERSION,
+        ping_interval_ms: 1_000,
+        ping_timeout_ms: 10_000,
+        fence_ms: None,
+    };
+    ws.send(Message::text(protocol::encode(&welcome)))
+        .await
+        .expect("welcome");
+}
+
+#[tokio::test]
+async fn sessions_cut_short_do_not_reset_the_backoff() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let options = AgentOptions {
+        supervisor: listener.local_addr().expect("address").to_string(),
+        reconnect_min_ms: 10,
+        reconnect_max_ms: 10_000,
+        ..options()
+    };
+    let agent = tokio::spawn(Agent::new(options, Arc::new(Counting::default())).run());
+    let mut welcomed = Vec::new();
+    for _ in 0..5 {
+        welcome_and_hang_up(&listener).await;
+        welcomed.push(crate::seam::now());
+    }
+    agent.abort();
+    // The waits before connects 2..=5 follow 1..=4 failures in a row: at
+    // least 5, 10, 20 and 40 ms (the upper half of 10 ms doubling).
+    let gaps: Vec<u64> = welcomed.windows(2).map(|w| w[1].ms_since(w[0])).collect();
+    assert!(
+        gaps[2] >= 20 && gaps[3] >= 40,
+        "the backoff did not grow: {gaps:?} ms"
+    );
+}
