@@ -28,6 +28,11 @@ pub struct Topology {
     pub ping_timeout_ms: u64,
     /// The range one network message takes, in ms: `[min, max]`.
     pub latency_ms: [u64; 2],
+    /// The fraction of network messages lost on their first try (0 to
+    /// 0.5). A lost message on a connection is sent again after a backoff
+    /// (1 ms, doubling), as TCP would, delaying it and everything behind
+    /// it; a lost connection attempt is refused.
+    pub loss: f64,
     /// Overrides of the supervisor's core settings (any `CoreConfig` field).
     pub core: toml::Table,
 }
@@ -40,6 +45,7 @@ impl Default for Topology {
             ping_interval_ms: 500,
             ping_timeout_ms: 2_000,
             latency_ms: [1, 5],
+            loss: 0.0,
             core: toml::Table::new(),
         }
     }
@@ -250,6 +256,9 @@ pub const FILE_BYTES_MAX: usize = 1 << 20;
 pub const JOBS_MAX: usize = 10_000;
 pub const AGENTS_MAX: usize = 64;
 pub const FAULTS_MAX: usize = 10_000;
+/// Past half the messages lost, resends back off for whole seconds: the
+/// network is down, which partitions say more plainly.
+pub const LOSS_MAX: f64 = 0.5;
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
@@ -360,6 +369,13 @@ impl Scenario {
                 topo_span,
                 "topology.latency_ms",
                 "[min, max] with min <= max".into(),
+            ));
+        }
+        if !(0.0..=LOSS_MAX).contains(&topology.loss) {
+            return Err(at(
+                topo_span,
+                "topology.loss",
+                format!("{}: a fraction from 0 to {LOSS_MAX}", topology.loss),
             ));
         }
         let mut user_names = std::collections::BTreeSet::from(["admin".to_string()]);

@@ -162,16 +162,28 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         ping_interval_ms: 500,
         ping_timeout_ms: 2_000,
         latency_ms: [1, 5],
+        loss: 0.0,
         core: toml::Table::from_iter([(
             "agent_grace_ms".to_string(),
             toml::Value::Integer(rng.random_range(1_500..10_000)),
         )]),
     };
+    // Drawn last, so that every other knob of a seed is what it was before
+    // loss was a knob.
+    let topology = Topology {
+        loss: if rng.random_bool(0.3) {
+            [0.001, 0.01, 0.05, 0.2][rng.random_range(0..4)]
+        } else {
+            0.0
+        },
+        ..topology
+    };
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={}",
         users.len(),
         on.join(" "),
-        topology.core["agent_grace_ms"]
+        topology.core["agent_grace_ms"],
+        topology.loss
     );
     // Everything must settle within two minutes of the plan's end plus the
     // time the work would take run one job at a time (plan caps can

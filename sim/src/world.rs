@@ -41,11 +41,12 @@ pub fn user_token(user: &str) -> String {
     }
 }
 
-/// madsim's settings for a scenario: its network latency.
+/// madsim's settings for a scenario: its network latency and loss.
 pub fn madsim_config(scenario: &Scenario) -> madsim::Config {
     let mut config = madsim::Config::default();
     let [lo, hi] = scenario.topology.latency_ms;
     config.net.send_latency = Duration::from_millis(lo)..Duration::from_millis(hi.max(lo) + 1);
+    config.net.packet_loss_rate = scenario.topology.loss;
     config
 }
 

@@ -8,12 +8,13 @@ use foreman_sim::play::{run, Verdict};
 use foreman_sim::scenario::Scenario;
 use foreman_sim::trace::{first_divergence, summary};
 
-const NAMED: [&str; 11] = [
+const NAMED: [&str; 12] = [
     "agent-loss",
     "agent-pause",
     "cancel-during-allocation",
     "cancel-races-completion",
     "duplicate-agent",
+    "lossy-network",
     "reconnect-storm",
     "slot-fairness",
     "slow-network",

@@ -130,8 +130,8 @@ impl Agent {
 
     /// The supervisor has given up this agent's runs by now (or is about
     /// to): kill them, so that none runs beside its replacement elsewhere.
-    /// Their results go to the outbox as usual.
-    fn fence(&mut self) {
+    /// Their results go to the outbox as usual. Returns how many it killed.
+    fn fence(&mut self) -> usize {
         let mut killed = 0;
         for kill in self.running.values_mut().filter_map(|r| r.kill.take()) {
             let _ = kill.send(());
@@ -142,6 +142,7 @@ impl Agent {
             killed, "supervisor out of reach past the fence; killing the runs it has given up"
         );
         self.fenced = true;
+        killed
     }
 
     /// A ping arrived at `now`: note when (its pong leaves then) and what it

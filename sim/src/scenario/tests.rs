@@ -87,6 +87,19 @@ fn errors_name_the_file_line_and_field() {
 }
 
 #[test]
+fn loss_is_a_fraction_up_to_its_bound_and_reaches_the_network() {
+    let lossy = parse("[topology]\nloss = 0.5").expect("at the bound");
+    assert_eq!(lossy.topology.loss, LOSS_MAX);
+    assert_eq!(
+        crate::world::madsim_config(&lossy).net.packet_loss_rate,
+        0.5
+    );
+    let e = parse("\n[topology]\nloss = 0.51").expect_err("past the bound");
+    assert_eq!((e.line, e.field.as_str()), (2, "topology.loss"), "{e}");
+    assert_eq!(parse("").expect("empty").topology.loss, 0.0);
+}
+
+#[test]
 fn hostile_and_oversized_input_is_refused() {
     for text in [
         "",                       // empty: a valid, empty scenario (defaults)
@@ -95,6 +108,11 @@ fn hostile_and_oversized_input_is_refused() {
         "[topology]\ncpus = 0",
         "[topology]\nping_interval_ms = 5000\nping_timeout_ms = 100",
         "[topology]\nlatency_ms = [10, 1]",
+        "[topology]\nloss = 0.6",
+        "[topology]\nloss = -0.1",
+        "[topology]\nloss = nan",
+        "[topology]\nloss = inf",
+        "[topology]\nloss = 1",
         "[[jobs]]\nname = \"x\"\ncpus = 64",
         "[[jobs]]\nname = \"x\"\n[[jobs]]\nname = \"x\"",
         "[[jobs]]\nname = \"x\"\nmax_attempts = 0",

@@ -114,7 +114,7 @@ fn the_fence_falls_a_fence_after_the_latest_confirmation_and_fires_once() {
     agent.confirm(Millis(1_200));
     assert_eq!(agent.fence_due(), Some(Millis(1_500)));
 
-    agent.fence();
+    assert_eq!(agent.fence(), 0, "nothing runs");
     assert!(agent.fenced);
     assert_eq!(agent.fence_due(), None, "fenced once, not again and again");
     assert!(!agent.past_fence(Millis(u64::MAX)));
@@ -237,7 +237,7 @@ async fn the_fence_kills_every_run_and_their_results_still_reach_the_outbox() {
     let (mut agent, _) = new_agent();
     agent.obey(run(1, "wait"));
     agent.obey(run(2, "wait"));
-    agent.fence();
+    assert_eq!(agent.fence(), 2, "both were killed");
     assert!(agent.fenced);
     let mut finished = Vec::new();
     while finished.len() < 2 {
