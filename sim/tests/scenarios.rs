@@ -31,6 +31,19 @@ fn load(name: &str) -> Scenario {
 }
 
 #[test]
+fn the_scenario_network_is_the_simulated_network() {
+    let lossy = load("lossy-network");
+    let config = foreman_sim::world::madsim_config(&lossy);
+    assert_eq!(config.net.packet_loss_rate, lossy.topology.loss);
+    assert!(lossy.topology.loss > 0.0);
+    let [lo, hi] = lossy.topology.latency_ms;
+    assert_eq!(
+        config.net.send_latency,
+        std::time::Duration::from_millis(lo)..std::time::Duration::from_millis(hi + 1)
+    );
+}
+
+#[test]
 fn every_named_scenario_passes_on_fixed_seeds() {
     let mut failures = Vec::new();
     for name in NAMED {

@@ -164,7 +164,7 @@ impl FairQueue {
                     .ring
                     .iter()
                     .position(|r| *r == u)
-                    .unwrap_or(level.ring.len() + 1)
+                    .unwrap_or(usize::MAX)
             };
             let own_rank = rank(user);
             for (other, jobs) in &level.jobs {

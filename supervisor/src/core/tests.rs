@@ -1069,6 +1069,23 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
             "{count} labels"
         );
     }
+    // A label (key and value together) as large as a job's may be, no larger.
+    let bytes = h.core.config().submit.label_bytes_max;
+    for (name, size, refused) in [("a5", bytes, false), ("a6", bytes + 1, true)] {
+        let labels = BTreeMap::from([("k".to_string(), "v".repeat(size - 1))]);
+        let effects = h.step(Input::AgentConnected {
+            conn: ConnId(2_000 + size as u64),
+            agent: AgentId::new(name),
+            cpus: 1,
+            labels,
+            attempts: Vec::new(),
+        });
+        assert_eq!(
+            events(&effects, EventKind::AgentRefused).len(),
+            usize::from(refused),
+            "a label of {size} bytes"
+        );
+    }
 }
 
 #[test]
