@@ -200,7 +200,7 @@ impl Core {
                 let held = held[head.user.index()][kind.index()];
                 assert!(
                     held < cap,
-                    "head user {} at its cap was not parked",
+                    "head user {:?} at its cap was not parked",
                     head.user
                 );
                 let pool_free = p.config.pool_cpus(kind) - pool_used[kind.index()];
@@ -220,7 +220,7 @@ impl Core {
                         .get(&*job.plan)
                         .map_or(0, |plan| plan.limits(kind).max_running);
                     let held = held[user.index()][kind.index()];
-                    assert!(held >= cap, "user {user} parked below its cap");
+                    assert!(held >= cap, "user {user:?} parked below its cap");
                 }
             }
         }

@@ -199,17 +199,17 @@ impl FairQueue {
             assert!(level.len > 0, "empty level {p} kept");
             let mut len = 0;
             for (user, jobs) in &level.jobs {
-                assert!(!jobs.is_empty(), "user {user} kept with no jobs");
+                assert!(!jobs.is_empty(), "user {user:?} kept with no jobs");
                 assert!(
                     jobs.iter().zip(jobs.iter().skip(1)).all(|(a, b)| a < b),
-                    "user {user}'s jobs are not in FIFO (id) order"
+                    "user {user:?}'s jobs are not in FIFO (id) order"
                 );
                 let in_ring = level.ring.iter().filter(|u| *u == user).count();
                 let parked = usize::from(level.parked.contains(user));
                 assert_eq!(
                     in_ring + parked,
                     1,
-                    "user {user} must be in the ring or parked, once"
+                    "user {user:?} must be in the ring or parked, once"
                 );
                 len += jobs.len();
             }

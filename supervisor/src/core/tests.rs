@@ -37,6 +37,10 @@ fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
             max_attempts: limits.attempts_max,
             ..cmd(&["x"])
         },
+        SubmitSpec {
+            argv: vec!["x".repeat(limits.argv_bytes_max)],
+            ..cmd(&[])
+        },
     ];
     for spec in at_bounds {
         let reply = h.try_submit("ana", "premium", spec.clone());
@@ -64,6 +68,10 @@ fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
         SubmitSpec {
             max_attempts: limits.attempts_max + 1,
             ..cmd(&["x"])
+        },
+        SubmitSpec {
+            argv: vec!["x".repeat(limits.argv_bytes_max + 1)],
+            ..cmd(&[])
         },
     ];
     for spec in over {
@@ -1242,6 +1250,33 @@ fn restore_after_a_crash_keeps_every_acknowledged_job() {
 }
 
 #[test]
+fn restore_gives_an_agent_still_away_the_cpus_its_attempts_hold() {
+    let mut h = harness();
+    h.connect("a1", 3);
+    let jobs: Vec<JobId> = ["ana", "bob", "cy"]
+        .into_iter()
+        .map(|user| h.submit(user, "basic", cmd(&["x"])))
+        .collect();
+    for &job in &jobs {
+        assert_eq!(h.placed(job).0, "a1");
+    }
+    // Only the jobs' records survive: the agent is known from its attempts.
+    let r = h.crash_and_restore(basic_config(), 1_000);
+    r.core.check_invariants();
+    let a1 = r
+        .core
+        .agents()
+        .find(|a| a.id.as_str() == "a1")
+        .expect("the agent holding them is remembered");
+    assert!(a1.conn().is_none(), "it has not said hello yet");
+    assert_eq!(
+        (a1.cpus, a1.used_cpus, a1.jobs.len()),
+        (3, 3, 3),
+        "as many CPUs as its three attempts use"
+    );
+}
+
+#[test]
 fn restore_an_old_dispatch_waits_for_its_agent_instead_of_timing_out_at_once() {
     let mut h = harness();
     h.connect("a1", 1);
@@ -1370,4 +1405,46 @@ fn identical_inputs_give_identical_effects() {
         serde_json::to_string(&h.log).expect("effects serialize")
     }
     assert_eq!(run(), run());
+}
+
+#[test]
+fn the_invariant_check_catches_a_core_out_of_step() {
+    // Each corruption, made through the hooks restore uses, must be named.
+    let corruptions: [(&str, fn(&mut Core)); 3] = [
+        ("agent ghost used cpus", |core| {
+            core.insert_agent(Agent {
+                id: AgentId::new("ghost"),
+                link: Link::Connected {
+                    conn: ConnId(77),
+                    since: Millis(0),
+                },
+                cpus: 2,
+                labels: BTreeMap::new(),
+                used_cpus: 1,
+                jobs: Default::default(),
+            })
+        }),
+        ("connected agent a1 has a grace timer", |core| {
+            core.arm(timers::TimerKey::Agent(AgentId::new("a1")), Some(Millis(1)))
+        }),
+        ("job 1 timer", |core| {
+            core.arm(timers::TimerKey::Job(JobId(1)), Some(Millis(u64::MAX - 1)))
+        }),
+    ];
+    for (what, corrupt) in corruptions {
+        let mut h = harness();
+        h.connect("a1", 1);
+        h.submit("ana", "basic", cmd(&["x"]));
+        h.core.check_invariants();
+        corrupt(&mut h.core);
+        let panic =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.core.check_invariants()))
+                .expect_err(what);
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(message.contains(what), "{what}: {message}");
+    }
 }

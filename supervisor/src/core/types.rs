@@ -48,12 +48,6 @@ impl UserKey {
     }
 }
 
-impl fmt::Display for UserKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "user#{}", self.0)
-    }
-}
-
 /// An agent's name, chosen by the agent (or its driver) and stable across reconnects.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
