@@ -1378,6 +1378,21 @@ fn restore_rejects_a_record_it_cannot_trust_naming_the_job() {
         Core::restore(basic_config(), Millis(h.now), vec![record.clone()], 1).is_err(),
         "id past next id"
     );
+    // Queued, but still stopping an attempt (it was being canceled).
+    let canceling = h.submit("bob", "basic", cmd(&["y"]));
+    h.connect("a2", 1);
+    assert_eq!(h.placed(canceling).0, "a2");
+    h.cancel(canceling);
+    let mut stopping = h.state_record(canceling).clone();
+    assert_eq!(stopping.state, JobState::Canceling);
+    stopping.state = JobState::Queued;
+    let err = Core::restore(basic_config(), Millis(h.now), vec![stopping], 100)
+        .err()
+        .expect("a queued job holds nothing");
+    assert!(
+        err.to_string().contains("does not match its attempts"),
+        "{err}"
+    );
     assert!(
         Core::restore(
             basic_config(),
@@ -1446,5 +1461,46 @@ fn the_invariant_check_catches_a_core_out_of_step() {
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
         assert!(message.contains(what), "{what}: {message}");
+    }
+}
+
+#[test]
+fn agents_past_the_bound_are_refused_but_a_known_agent_comes_back() {
+    let mut h = Harness::new(CoreConfig {
+        agents_max: 2,
+        ..basic_config()
+    });
+    h.connect("a1", 1);
+    h.connect("a2", 1);
+    let effects = h.connect("a3", 1);
+    let refused = events(&effects, EventKind::AgentRefused);
+    assert_eq!(refused.len(), 1, "a third agent is one too many");
+    assert_eq!(h.core.agents().count(), 2);
+    h.gone("a1", GoneReason::PingTimeout);
+    let effects = h.connect("a1", 1);
+    assert!(
+        events(&effects, EventKind::AgentRefused).is_empty(),
+        "an agent the core knows is no new agent"
+    );
+}
+
+#[test]
+fn job_states_parse_from_their_names_and_nothing_else() {
+    for state in [
+        JobState::Queued,
+        JobState::Dispatched,
+        JobState::Running,
+        JobState::Canceling,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+        JobState::TimedOut,
+        JobState::Lost,
+    ] {
+        assert_eq!(JobState::parse(state.as_str()), Some(state));
+        assert_eq!(JobState::parse(&state.as_str().to_uppercase()), None);
+    }
+    for name in ["", "done", "queued ", "timed-out"] {
+        assert_eq!(JobState::parse(name), None, "{name:?}");
     }
 }
