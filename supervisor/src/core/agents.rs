@@ -126,3 +126,30 @@ impl Agents {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::panic_message;
+    use super::*;
+
+    #[test]
+    fn the_agents_check_names_a_free_index_out_of_step() {
+        let mut agents = Agents::default();
+        agents.insert(Agent {
+            id: AgentId::new("a1"),
+            link: Link::Connected {
+                conn: ConnId(1),
+                since: Millis(0),
+            },
+            cpus: 2,
+            labels: BTreeMap::new(),
+            used_cpus: 0,
+            jobs: BTreeSet::new(),
+        });
+        agents.check();
+        assert_eq!(agents.best_fit(2), Some(&AgentId::new("a1")));
+        agents.free.clear();
+        let message = panic_message("a lost index entry", || agents.check());
+        assert!(message.contains("free-CPU index out of step"), "{message}");
+    }
+}

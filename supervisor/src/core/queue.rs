@@ -284,3 +284,49 @@ impl FairQueue {
         jobs.is_empty().then_some(queue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::panic_message;
+    use super::*;
+
+    #[test]
+    fn a_level_order_without_users_adds_no_level() {
+        let empty = LevelOrder {
+            priority: 3,
+            ring: vec![],
+            parked: vec![],
+        };
+        let queue = FairQueue::from_orders(&[empty], BTreeMap::new()).expect("a queue");
+        queue.check();
+        assert!(queue.orders().is_empty());
+        assert_eq!(queue.len(), 0);
+    }
+
+    #[test]
+    fn the_queue_check_names_what_is_out_of_step() {
+        type Corruption = (&'static str, fn(&mut FairQueue));
+        let corruptions: [Corruption; 3] = [
+            ("queue length", |q| q.len += 1),
+            ("must be in the ring or parked, once", |q| {
+                let level = q.levels.values_mut().next().expect("a level");
+                let user = level.ring[0];
+                level.parked.insert(user);
+            }),
+            ("not in FIFO (id) order", |q| {
+                let level = q.levels.values_mut().next().expect("a level");
+                level.jobs.values_mut().next().expect("a user").swap(0, 1);
+            }),
+        ];
+        for (what, corrupt) in corruptions {
+            let mut q = FairQueue::default();
+            q.push(1, UserKey(0), JobId(1));
+            q.push(1, UserKey(0), JobId(2));
+            q.push(1, UserKey(1), JobId(3));
+            q.check();
+            corrupt(&mut q);
+            let message = panic_message(what, || q.check());
+            assert!(message.contains(what), "{what}: {message}");
+        }
+    }
+}

@@ -21,6 +21,18 @@ pub struct Harness {
     pub inputs: Vec<(u64, Input)>,
 }
 
+/// The message `f` panics with; fails the test if it does not panic.
+pub fn panic_message(what: &str, f: impl FnOnce()) -> String {
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .err()
+        .unwrap_or_else(|| panic!("no panic for {what}"));
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 pub fn basic_config() -> CoreConfig {
     CoreConfig {
         dispatch_ack_timeout_ms: 5_000,

@@ -41,6 +41,14 @@ fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
             argv: vec!["x".repeat(limits.argv_bytes_max)],
             ..cmd(&[])
         },
+        SubmitSpec {
+            env: BTreeMap::from([("K".to_string(), "v".repeat(limits.env_bytes_max - 1))]),
+            ..cmd(&["x"])
+        },
+        SubmitSpec {
+            queue_timeout_secs: Some(limits.queue_timeout_secs_max),
+            ..cmd(&["x"])
+        },
     ];
     for spec in at_bounds {
         let reply = h.try_submit("ana", "premium", spec.clone());
@@ -73,11 +81,37 @@ fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
             argv: vec!["x".repeat(limits.argv_bytes_max + 1)],
             ..cmd(&[])
         },
+        SubmitSpec {
+            env: BTreeMap::from([("K".to_string(), "v".repeat(limits.env_bytes_max))]),
+            ..cmd(&["x"])
+        },
+        SubmitSpec {
+            queue_timeout_secs: Some(limits.queue_timeout_secs_max + 1),
+            ..cmd(&["x"])
+        },
     ];
     for spec in over {
         let reply = h.try_submit("ana", "premium", spec);
         assert!(matches!(reply, Reply::Rejected { .. }), "{reply:?}");
     }
+    // A user name of up to 128 bytes.
+    let queued = h.core.queued(Kind::Sequential);
+    assert!(matches!(
+        h.try_submit(&"u".repeat(128), "basic", cmd(&["x"])),
+        Reply::Submitted { .. }
+    ));
+    assert_eq!(
+        h.core.queued(Kind::Sequential),
+        queued + 1,
+        "no agent: it waits"
+    );
+    assert!(matches!(
+        h.try_submit(&"u".repeat(129), "basic", cmd(&["x"])),
+        Reply::Rejected {
+            error: SubmitError::BadUser
+        }
+    ));
+    assert_eq!(h.core.queued(Kind::Sequential), queued + 1);
 }
 
 #[test]
@@ -1048,11 +1082,16 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
         )));
         assert_eq!(events(&effects, EventKind::AgentRefused).len(), 1);
     }
-    let long = "x".repeat(129);
+    let id_max = h.core.config().agent_id_bytes_max;
+    let long = "x".repeat(id_max + 1);
     assert!(h
         .connect(&long, 1)
         .iter()
         .any(|e| matches!(e, Effect::Close { .. })));
+    let longest = "x".repeat(id_max);
+    assert!(events(&h.connect(&longest, 1), EventKind::AgentRefused).is_empty());
+    h.gone(&longest, GoneReason::PingTimeout);
+    h.advance(h.core.config().agent_grace_ms + 1);
     assert_eq!(h.core.agents().count(), 0);
     // The bound itself is allowed.
     let effects = h.connect("a2", 256);
@@ -1359,6 +1398,35 @@ fn restore_refuses_jobs_the_configuration_can_no_longer_serve() {
 }
 
 #[test]
+fn restore_refuses_running_work_over_a_shrunk_pool_naming_a_job_that_holds_it() {
+    let mut h = harness();
+    h.connect("a1", 8);
+    let first = h.submit("ana", "premium", parallel(3));
+    let second = h.submit("bob", "premium", parallel(3));
+    let waiting = h.submit("cy", "premium", parallel(3));
+    assert_eq!(h.state(waiting), JobState::Queued, "2 cpus are left");
+    assert_ne!(h.state(first), JobState::Queued);
+    assert_ne!(h.state(second), JobState::Queued);
+    let records: Vec<Job> = h.store.values().cloned().collect();
+    // Each job fits the new pool; together the two placed ones do not.
+    let small_pool = CoreConfig {
+        pool_parallel_cpus: 4,
+        ..basic_config()
+    };
+    let err = Core::restore(small_pool, Millis(h.now), records, h.core.next_job_id())
+        .err()
+        .expect("6 cpus held in a pool of 4");
+    assert_eq!(
+        err.job, second,
+        "the latest job holding cpus, not the queued one"
+    );
+    assert!(
+        err.to_string().contains("over the configured pool of 4"),
+        "{err}"
+    );
+}
+
+#[test]
 fn restore_rejects_a_record_it_cannot_trust_naming_the_job() {
     let mut h = harness();
     h.connect("a1", 1);
@@ -1403,6 +1471,30 @@ fn restore_rejects_a_record_it_cannot_trust_naming_the_job() {
         .is_err(),
         "duplicate"
     );
+    // Attempt counts outside max_attempts, on a job that has none yet and
+    // on one that has more than it allows.
+    let waiting = h.submit("cy", "basic", cmd(&["w"]));
+    assert_eq!(h.state(waiting), JobState::Queued);
+    let mut zero = h.state_record(waiting).clone();
+    Arc::make_mut(&mut zero.spec).max_attempts = 0;
+    let mut over = h.state_record(job).clone();
+    over.attempts.insert(0, over.attempts[0].clone());
+    over.attempts[0].number = 1;
+    over.attempts[1].number = 2;
+    Arc::make_mut(&mut over.spec).max_attempts = 1;
+    // Canceling, but holding nothing to stop.
+    let mut idle = h.state_record(waiting).clone();
+    idle.state = JobState::Canceling;
+    for (record, problem) in [
+        (zero, "outside its max_attempts"),
+        (over, "outside its max_attempts"),
+        (idle, "does not match its attempts"),
+    ] {
+        let err = Core::restore(basic_config(), Millis(h.now), vec![record], 100)
+            .err()
+            .expect(problem);
+        assert!(err.to_string().contains(problem), "{err}");
+    }
 }
 
 #[test]
@@ -1425,7 +1517,8 @@ fn identical_inputs_give_identical_effects() {
 #[test]
 fn the_invariant_check_catches_a_core_out_of_step() {
     // Each corruption, made through the hooks restore uses, must be named.
-    let corruptions: [(&str, fn(&mut Core)); 3] = [
+    type Corruption = (&'static str, fn(&mut Core));
+    let corruptions: [Corruption; 3] = [
         ("agent ghost used cpus", |core| {
             core.insert_agent(Agent {
                 id: AgentId::new("ghost"),
@@ -1452,14 +1545,7 @@ fn the_invariant_check_catches_a_core_out_of_step() {
         h.submit("ana", "basic", cmd(&["x"]));
         h.core.check_invariants();
         corrupt(&mut h.core);
-        let panic =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.core.check_invariants()))
-                .expect_err(what);
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let message = panic_message(what, || h.core.check_invariants());
         assert!(message.contains(what), "{what}: {message}");
     }
 }
