@@ -291,6 +291,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_position_counts_every_turn_before_it() {
+        let mut q = FairQueue::default();
+        // The ring is b, a, c: b and c have one job each, a two.
+        let (a, b, c) = (UserKey(0), UserKey(1), UserKey(2));
+        q.push(1, b, JobId(1));
+        q.push(1, a, JobId(2));
+        q.push(1, a, JobId(3));
+        q.push(1, c, JobId(4));
+        // A job of a higher priority goes before all of them.
+        q.push(9, c, JobId(5));
+        let positions: Vec<_> = [(b, 1), (a, 2), (c, 4), (a, 3), (c, 5)]
+            .into_iter()
+            .map(|(user, job)| q.position(if job == 5 { 9 } else { 1 }, user, JobId(job)))
+            .collect();
+        assert_eq!(positions, [2, 3, 4, 5, 1].map(Some));
+        assert_eq!(q.position(1, a, JobId(99)), None);
+    }
+
+    #[test]
+    fn parked_users_wait_behind_the_ring_and_not_behind_each_other() {
+        let mut q = FairQueue::default();
+        let (a, b, c) = (UserKey(0), UserKey(1), UserKey(2));
+        q.push(1, a, JobId(1));
+        q.push(1, b, JobId(2));
+        q.push(1, c, JobId(3));
+        for parked in [a, b] {
+            let head = q.head().expect("a head");
+            assert_eq!(head.user, parked);
+            q.park_head(&head);
+        }
+        q.check();
+        assert_eq!(q.position(1, c, JobId(3)), Some(1));
+        assert_eq!(q.position(1, a, JobId(1)), Some(2));
+        assert_eq!(q.position(1, b, JobId(2)), Some(2));
+    }
+
+    #[test]
     fn a_level_order_without_users_adds_no_level() {
         let empty = LevelOrder {
             priority: 3,

@@ -49,6 +49,10 @@ fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
             queue_timeout_secs: Some(limits.queue_timeout_secs_max),
             ..cmd(&["x"])
         },
+        SubmitSpec {
+            labels: BTreeMap::from([("k".to_string(), "v".repeat(limits.label_bytes_max - 1))]),
+            ..cmd(&["x"])
+        },
     ];
     for spec in at_bounds {
         let reply = h.try_submit("ana", "premium", spec.clone());
@@ -89,6 +93,10 @@ fn submit_limits_are_inclusive_exactly_at_each_bound_is_accepted() {
             queue_timeout_secs: Some(limits.queue_timeout_secs_max + 1),
             ..cmd(&["x"])
         },
+        SubmitSpec {
+            labels: BTreeMap::from([("k".to_string(), "v".repeat(limits.label_bytes_max))]),
+            ..cmd(&["x"])
+        },
     ];
     for spec in over {
         let reply = h.try_submit("ana", "premium", spec);
@@ -119,6 +127,7 @@ fn output_tails_and_reasons_are_cut_to_their_bounds_on_character_boundaries() {
     assert_eq!(spec::tail("\u{e9}\u{e9}", 3), "\u{e9}");
     assert_eq!(spec::tail("abc", 3), "abc");
     assert_eq!(spec::tail("abcd", 3), "bcd");
+    assert_eq!(spec::tail("abcdefgh", 3), "fgh");
     let mut h = harness();
     h.connect("a1", 1);
     let job = h.submit("ana", "basic", cmd(&["x"]));
@@ -800,6 +809,66 @@ fn timeout_dispatch_not_acknowledged_requeues_when_attempts_remain_else_lost() {
         .state_record(retry)
         .reason
         .contains("dispatch not acknowledged"));
+}
+
+#[test]
+fn a_process_that_ran_to_its_end_counts_though_its_start_was_acknowledged_too_late() {
+    let mut h = harness();
+    h.connect("slow", 1);
+    let late = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_attempts: 2,
+            ..cmd(&["x"])
+        },
+    );
+    h.advance(5_000);
+    assert_eq!(kills(&h.log).len(), 1, "the dispatch timed out");
+    // The process had run to its end before the kill reached it.
+    h.exited("slow", late, 1, 0);
+    assert_eq!(h.state(late), JobState::Succeeded);
+    assert_eq!(h.state_record(late).attempts.len(), 1, "not run again");
+
+    // A process killed that nobody asked to stop did not succeed, and is
+    // not run again either: it failed.
+    let killed = h.submit(
+        "bob",
+        "basic",
+        SubmitSpec {
+            max_attempts: 2,
+            ..cmd(&["y"])
+        },
+    );
+    h.started("slow", killed, 1);
+    h.finished("slow", killed, 1, Outcome::Killed);
+    assert_eq!(h.state(killed), JobState::Failed);
+    assert_eq!(h.state_record(killed).attempts.len(), 1);
+}
+
+#[test]
+fn a_requeued_job_waits_its_queue_timeout_again_from_the_requeue() {
+    let mut h = harness();
+    h.connect("mute", 1);
+    let job = h.submit(
+        "ana",
+        "basic",
+        SubmitSpec {
+            max_attempts: 2,
+            queue_timeout_secs: Some(30),
+            ..cmd(&["x"])
+        },
+    );
+    h.advance(5_000); // its dispatch is not acknowledged
+    let other = h.submit("bob", "basic", cmd(&["y"]));
+    h.finished("mute", job, 1, Outcome::Killed);
+    assert_eq!(h.state(job), JobState::Queued, "back in line, behind bob");
+    assert_eq!(h.placed(other).0, "mute");
+    // 30 s after the submission, but only 25 s after the requeue.
+    h.advance(25_000);
+    assert_eq!(h.state(job), JobState::Queued);
+    h.advance(5_000);
+    assert_eq!(h.state(job), JobState::TimedOut);
 }
 
 #[test]
