@@ -1166,15 +1166,33 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
     let effects = h.connect("a2", 256);
     assert!(events(&effects, EventKind::AgentRefused).is_empty());
     assert_eq!(h.core.agents().count(), 1);
-    // Labels: as many as a job may carry, no more.
-    let max = h.core.config().submit.labels_max;
-    for (name, count, refused) in [("a3", max, false), ("a4", max + 1, true)] {
-        let labels = (0..count)
+    // Labels: as many as a job may carry, each as large as a job's may be,
+    // no more.
+    let limits = h.core.config().submit.clone();
+    let many = |count: usize| {
+        (0..count)
             .map(|i| (format!("k{i}"), "v".to_string()))
-            .collect();
+            .collect::<BTreeMap<_, _>>()
+    };
+    let large = |bytes: usize| BTreeMap::from([("k".to_string(), "v".repeat(bytes - 1))]);
+    let cases = [
+        ("as many as allowed", many(limits.labels_max), false),
+        ("one too many", many(limits.labels_max + 1), true),
+        (
+            "one as large as allowed",
+            large(limits.label_bytes_max),
+            false,
+        ),
+        (
+            "one a byte too large",
+            large(limits.label_bytes_max + 1),
+            true,
+        ),
+    ];
+    for (i, (what, labels, refused)) in cases.into_iter().enumerate() {
         let effects = h.step(Input::AgentConnected {
-            conn: ConnId(900 + count as u64),
-            agent: AgentId::new(name),
+            conn: ConnId(900 + i as u64),
+            agent: AgentId::new(&format!("labelled-{i}")),
             cpus: 1,
             labels,
             attempts: Vec::new(),
@@ -1182,24 +1200,7 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
         assert_eq!(
             events(&effects, EventKind::AgentRefused).len(),
             usize::from(refused),
-            "{count} labels"
-        );
-    }
-    // A label (key and value together) as large as a job's may be, no larger.
-    let bytes = h.core.config().submit.label_bytes_max;
-    for (name, size, refused) in [("a5", bytes, false), ("a6", bytes + 1, true)] {
-        let labels = BTreeMap::from([("k".to_string(), "v".repeat(size - 1))]);
-        let effects = h.step(Input::AgentConnected {
-            conn: ConnId(2_000 + size as u64),
-            agent: AgentId::new(name),
-            cpus: 1,
-            labels,
-            attempts: Vec::new(),
-        });
-        assert_eq!(
-            events(&effects, EventKind::AgentRefused).len(),
-            usize::from(refused),
-            "a label of {size} bytes"
+            "labels: {what}"
         );
     }
 }
@@ -1641,17 +1642,7 @@ fn agents_past_the_bound_are_refused_but_a_known_agent_comes_back() {
 
 #[test]
 fn job_states_parse_from_their_names_and_nothing_else() {
-    for state in [
-        JobState::Queued,
-        JobState::Dispatched,
-        JobState::Running,
-        JobState::Canceling,
-        JobState::Succeeded,
-        JobState::Failed,
-        JobState::Canceled,
-        JobState::TimedOut,
-        JobState::Lost,
-    ] {
+    for state in JobState::ALL {
         assert_eq!(JobState::parse(state.as_str()), Some(state));
         assert_eq!(JobState::parse(&state.as_str().to_uppercase()), None);
     }

@@ -154,20 +154,20 @@ impl JobState {
             JobState::Lost => "lost",
         }
     }
+    pub const ALL: [JobState; 9] = [
+        JobState::Queued,
+        JobState::Dispatched,
+        JobState::Running,
+        JobState::Canceling,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+        JobState::TimedOut,
+        JobState::Lost,
+    ];
+
     pub fn parse(name: &str) -> Option<JobState> {
-        [
-            JobState::Queued,
-            JobState::Dispatched,
-            JobState::Running,
-            JobState::Canceling,
-            JobState::Succeeded,
-            JobState::Failed,
-            JobState::Canceled,
-            JobState::TimedOut,
-            JobState::Lost,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == name)
+        JobState::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }
 
