@@ -12,27 +12,21 @@ use super::*;
 use crate::core::{JobSpec, KillReason, Kind, StopReason};
 use crate::protocol::ping_payload;
 
-/// Counts the runs it is given. Each run waits for its kill and ends
-/// `Killed`, or ends `Exited { code: 0 }` at once when its command is
-/// `done`.
+/// Counts the runs it is given. Each run starts, waits for its kill and
+/// ends `Killed`.
 #[derive(Default)]
 struct Counting {
     runs: AtomicUsize,
 }
 
 impl Runner for Counting {
-    fn run(&self, order: RunOrder, control: RunControl) -> runner::RunFuture {
+    fn run(&self, _order: RunOrder, control: RunControl) -> runner::RunFuture {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             let _ = control.started.send(());
-            let outcome = if order.spec.argv[0] == "done" {
-                Outcome::Exited { code: 0 }
-            } else {
-                let _ = control.kill.await;
-                Outcome::Killed
-            };
+            let _ = control.kill.await;
             FinishedReport {
-                outcome,
+                outcome: Outcome::Killed,
                 output_tail: String::new(),
                 run_ms: 0,
             }
@@ -60,12 +54,12 @@ fn new_agent() -> (Agent, Arc<Counting>) {
     (Agent::new(options(), runner.clone()), runner)
 }
 
-fn run(job: u64, command: &str) -> ToAgentMsg {
+fn run(job: u64) -> ToAgentMsg {
     ToAgentMsg::Run {
         job: JobId(job),
         attempt: 1,
         spec: Arc::new(JobSpec {
-            argv: vec![command.into()],
+            argv: vec!["sleep".into(), "60".into()],
             env: BTreeMap::new(),
             cwd: None,
             labels: BTreeMap::new(),
@@ -161,8 +155,8 @@ fn a_ping_confirms_the_pong_of_the_ping_it_acknowledges_within_a_bounded_window(
 #[tokio::test]
 async fn it_runs_an_attempt_once_keeps_its_result_until_acknowledged_and_kills_on_request() {
     let (mut agent, runner) = new_agent();
-    assert_eq!(agent.obey(run(1, "wait")), None);
-    assert_eq!(agent.obey(run(1, "wait")), None, "told twice");
+    assert_eq!(agent.obey(run(1)), None);
+    assert_eq!(agent.obey(run(1)), None, "told twice");
     assert_eq!(runner.runs.load(Ordering::SeqCst), 1, "it runs once");
 
     let started = agent.events.recv().await.expect("an event");
@@ -204,7 +198,7 @@ async fn it_runs_an_attempt_once_keeps_its_result_until_acknowledged_and_kills_o
     );
 
     // Its result is kept; the same order again is not a new run.
-    assert_eq!(agent.obey(run(1, "wait")), None);
+    assert_eq!(agent.obey(run(1)), None);
     assert_eq!(
         runner.runs.load(Ordering::SeqCst),
         1,
@@ -235,8 +229,8 @@ async fn it_runs_an_attempt_once_keeps_its_result_until_acknowledged_and_kills_o
 #[tokio::test]
 async fn the_fence_kills_every_run_and_their_results_still_reach_the_outbox() {
     let (mut agent, _) = new_agent();
-    agent.obey(run(1, "wait"));
-    agent.obey(run(2, "wait"));
+    agent.obey(run(1));
+    agent.obey(run(2));
     assert_eq!(agent.fence(), 2, "both were killed");
     assert!(agent.fenced);
     let mut finished = Vec::new();
@@ -294,7 +288,7 @@ async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
 #[tokio::test]
 async fn a_failed_send_kills_the_runs_only_at_the_fence() {
     let (mut agent, _) = new_agent();
-    agent.obey(run(1, "wait"));
+    agent.obey(run(1));
     let key = (JobId(1), 1);
     for why in [SendFailed::Closed, SendFailed::Stalled] {
         let _ = agent.send_failed(why);
