@@ -46,6 +46,14 @@ pub fn cmd(argv: &[&str]) -> SubmitSpec {
     SubmitSpec::command(argv.iter().copied())
 }
 
+/// A command that may run up to `attempts` times.
+pub fn retried(attempts: u32, argv: &[&str]) -> SubmitSpec {
+    SubmitSpec {
+        max_attempts: attempts,
+        ..cmd(argv)
+    }
+}
+
 pub fn parallel(cpus: u32) -> SubmitSpec {
     SubmitSpec {
         kind: "parallel".to_string(),

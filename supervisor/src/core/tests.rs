@@ -241,20 +241,8 @@ fn submit_bad_input_gets_a_typed_error_and_nothing_is_queued() {
             },
             "max_run_secs must be between 1 and 3600",
         ),
-        (
-            SubmitSpec {
-                max_attempts: 0,
-                ..cmd(&["x"])
-            },
-            "max_attempts",
-        ),
-        (
-            SubmitSpec {
-                max_attempts: 11,
-                ..cmd(&["x"])
-            },
-            "max_attempts",
-        ),
+        (retried(0, &["x"]), "max_attempts"),
+        (retried(11, &["x"]), "max_attempts"),
         (
             SubmitSpec {
                 queue_timeout_secs: Some(0),
@@ -771,14 +759,7 @@ fn timeout_ends_only_its_own_job_and_holds_the_slot_until_the_kill_is_confirmed(
 fn timeout_dispatch_not_acknowledged_requeues_when_attempts_remain_else_lost() {
     let mut h = harness();
     h.connect("mute", 1);
-    let retry = h.submit(
-        "ana",
-        "basic",
-        SubmitSpec {
-            max_attempts: 2,
-            ..cmd(&["x"])
-        },
-    );
+    let retry = h.submit("ana", "basic", retried(2, &["x"]));
     h.advance(5_000);
     assert_eq!(
         kills(&h.log),
@@ -815,14 +796,7 @@ fn timeout_dispatch_not_acknowledged_requeues_when_attempts_remain_else_lost() {
 fn a_process_that_ran_to_its_end_counts_though_its_start_was_acknowledged_too_late() {
     let mut h = harness();
     h.connect("slow", 1);
-    let late = h.submit(
-        "ana",
-        "basic",
-        SubmitSpec {
-            max_attempts: 2,
-            ..cmd(&["x"])
-        },
-    );
+    let late = h.submit("ana", "basic", retried(2, &["x"]));
     h.advance(5_000);
     assert_eq!(kills(&h.log).len(), 1, "the dispatch timed out");
     // The process had run to its end before the kill reached it.
@@ -832,14 +806,7 @@ fn a_process_that_ran_to_its_end_counts_though_its_start_was_acknowledged_too_la
 
     // A process killed that nobody asked to stop did not succeed, and is
     // not run again either: it failed.
-    let killed = h.submit(
-        "bob",
-        "basic",
-        SubmitSpec {
-            max_attempts: 2,
-            ..cmd(&["y"])
-        },
-    );
+    let killed = h.submit("bob", "basic", retried(2, &["y"]));
     h.started("slow", killed, 1);
     h.finished("slow", killed, 1, Outcome::Killed);
     assert_eq!(h.state(killed), JobState::Failed);
@@ -919,14 +886,7 @@ fn stale_report_for_an_older_attempt_is_rejected_and_killed() {
     let mut h = harness();
     h.connect("a1", 1);
     h.connect("a2", 1);
-    let job = h.submit(
-        "ana",
-        "basic",
-        SubmitSpec {
-            max_attempts: 2,
-            ..cmd(&["x"])
-        },
-    );
+    let job = h.submit("ana", "basic", retried(2, &["x"]));
     let (first, _) = h.placed(job);
     h.started(&first, job, 1);
     // a1 goes silent and is declared lost; the job is requeued to the other agent.
@@ -968,14 +928,7 @@ fn agent_lost_after_grace_its_jobs_end_lost_with_the_reason() {
     let mut h = harness();
     h.connect("a1", 2);
     let job = h.submit("ana", "basic", cmd(&["x"]));
-    let retried = h.submit(
-        "bob",
-        "basic",
-        SubmitSpec {
-            max_attempts: 3,
-            ..cmd(&["y"])
-        },
-    );
+    let retried = h.submit("bob", "basic", retried(3, &["y"]));
     h.started("a1", job, 1);
     h.gone("a1", GoneReason::PingTimeout);
     assert!(h
@@ -1389,14 +1342,7 @@ fn restore_gives_an_agent_still_away_the_cpus_its_attempts_hold() {
 fn restore_an_old_dispatch_waits_for_its_agent_instead_of_timing_out_at_once() {
     let mut h = harness();
     h.connect("a1", 1);
-    let job = h.submit(
-        "ana",
-        "basic",
-        SubmitSpec {
-            max_attempts: 2,
-            ..cmd(&["x"])
-        },
-    );
+    let job = h.submit("ana", "basic", retried(2, &["x"]));
     // The supervisor was down far longer than the dispatch timeout.
     let mut r = h.crash_and_restore(basic_config(), 3_600_000);
     r.connect_with(
