@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use foreman::core::{EventKind, JobState};
 
+mod outcome;
+
 use crate::scenario::Scenario;
 use crate::trace::{Entry, Ev, ProcessEnd};
 
@@ -699,6 +701,7 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             last: BTreeMap::new(),
         }),
         Box::new(Liveness { settled: None }),
+        Box::new(outcome::Outcome::new(scenario, max_latency_ms(scenario))),
         Box::new(Expectations {
             scenario,
             finals: BTreeMap::new(),

@@ -385,6 +385,7 @@ fn cut(path: &'static str, limit: usize) -> Work {
                 let runner = SimRunner {
                     agent: "agent-0".into(),
                     trace: trace.clone(),
+                    kill_grace_ms: 0,
                 };
                 let polls = agent_node
                     .spawn(DropAt::new(
@@ -458,6 +459,7 @@ fn agent_node(
     let runner = SimRunner {
         agent: "agent-0".into(),
         trace: trace.clone(),
+        kill_grace_ms: 0,
     };
     node.spawn(Agent::new(agent_options(addr, attempts), Arc::new(runner)).run());
     node

@@ -140,7 +140,7 @@ pub fn timeline(title: &str, agents: usize, cpus: u32, trace: &[Entry]) -> Strin
                     last.1 = Some(e.at);
                 }
             }
-            Ev::Fault { what } => faults.push((e.at, what.clone())),
+            Ev::Fault { what, .. } => faults.push((e.at, what.clone())),
             _ => {}
         }
     }

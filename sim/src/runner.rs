@@ -7,7 +7,9 @@
 //! - `SIM_EXIT_CODE` (default 0);
 //! - `SIM_OUTPUT` (default empty): the output tail;
 //! - `SIM_HANG=1`: it never ends by itself;
-//! - `SIM_CRASH=1`: it dies of SIGSEGV at the end of its duration.
+//! - `SIM_CRASH=1`: it dies of SIGSEGV at the end of its duration;
+//! - `SIM_STOP_MS` (default 0): once killed, it takes this long to die (at
+//!   most `KILL_GRACE_MS`, after which a real runner's SIGKILL ends it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,6 +23,9 @@ use crate::trace::{Ev, ProcessEnd, Trace};
 pub struct SimRunner {
     pub agent: String,
     pub trace: Trace,
+    /// The longest its processes take to die once killed (the scenario's
+    /// largest `stop_ms`): the agent fences this much earlier.
+    pub kill_grace_ms: u64,
 }
 
 /// Records the end of a process; if the process is dropped unfinished (its
@@ -44,8 +49,13 @@ impl Drop for Running {
     }
 }
 
+/// The longest a killed simulated process may take to die (a real runner
+/// sends SIGKILL then).
+pub const KILL_GRACE_MS: u64 = 300;
+
 /// The job environment that describes a simulated process.
 pub fn process_env(
+    stop_ms: u64,
     duration_ms: u64,
     exit_code: i32,
     output: &str,
@@ -65,10 +75,17 @@ pub fn process_env(
     if crash {
         env.insert("SIM_CRASH".into(), "1".into());
     }
+    if stop_ms > 0 {
+        env.insert("SIM_STOP_MS".into(), stop_ms.to_string());
+    }
     env
 }
 
 impl Runner for SimRunner {
+    fn kill_grace_ms(&self) -> u64 {
+        self.kill_grace_ms
+    }
+
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture {
         let runner = self.clone();
         Box::pin(async move {
@@ -80,6 +97,7 @@ impl Runner for SimRunner {
             let code = number("SIM_EXIT_CODE", 0) as i32;
             let hang = number("SIM_HANG", 0) != 0;
             let crash = number("SIM_CRASH", 0) != 0;
+            let stop_ms = (number("SIM_STOP_MS", 0).max(0) as u64).min(runner.kill_grace_ms);
             let output = env.get("SIM_OUTPUT").cloned().unwrap_or_default();
             runner.trace.push(Ev::ProcessStarted {
                 job: order.job.0,
@@ -111,6 +129,10 @@ impl Runner for SimRunner {
                 },
                 _ = &mut kill => (Outcome::Killed, ProcessEnd::Killed),
             };
+            if end == ProcessEnd::Killed && stop_ms > 0 {
+                // Still dying: its CPUs are still in use.
+                tokio::time::sleep(Duration::from_millis(stop_ms)).await;
+            }
             process.end = Some(end);
             drop(process);
             FinishedReport {

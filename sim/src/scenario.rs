@@ -8,6 +8,8 @@ use std::fmt;
 use std::ops::Range;
 
 use foreman::core::{CoreConfig, JobState};
+
+use crate::runner::KILL_GRACE_MS;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -33,6 +35,9 @@ pub struct Topology {
     /// (1 ms, doubling), as TCP would, delaying it and everything behind
     /// it; a lost connection attempt is refused.
     pub loss: f64,
+    /// The longest an agent waits between two connection attempts (the
+    /// shipped agent waits at most 10 s).
+    pub reconnect_max_ms: u64,
     /// Overrides of the supervisor's core settings (any `CoreConfig` field).
     pub core: toml::Table,
 }
@@ -46,6 +51,7 @@ impl Default for Topology {
             ping_timeout_ms: 2_000,
             latency_ms: [1, 5],
             loss: 0.0,
+            reconnect_max_ms: 2_000,
             core: toml::Table::new(),
         }
     }
@@ -83,6 +89,14 @@ pub struct JobPlan {
     pub max_run_secs: Option<u64>,
     #[serde(default = "one")]
     pub max_attempts: u32,
+    /// How long its process takes to die once killed (as a real one takes
+    /// between SIGTERM and its exit), at most the runner's kill grace.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stop_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn admin() -> String {
@@ -116,7 +130,7 @@ impl Target {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     KillAgent,
@@ -353,14 +367,39 @@ impl Scenario {
                 "the ping interval must be positive and shorter than the ping timeout".into(),
             ));
         }
-        if core.agent_grace_ms < topology.ping_interval_ms.saturating_mul(3) {
+        if !(100..=600_000).contains(&topology.reconnect_max_ms) {
+            return Err(at(
+                topo_span.clone(),
+                "topology.reconnect_max_ms",
+                format!(
+                    "{} ms; between 100 ms and 10 minutes",
+                    topology.reconnect_max_ms
+                ),
+            ));
+        }
+        // The agent fences its kill grace (the slowest death) earlier.
+        let stop_ms_max = raw
+            .jobs
+            .iter()
+            .map(|j| j.get_ref().stop_ms)
+            .max()
+            .unwrap_or(0);
+        if core.agent_grace_ms
+            < topology
+                .ping_interval_ms
+                .saturating_mul(3)
+                .saturating_add(stop_ms_max)
+        {
             return Err(at(
                 find_line(text, "[topology.core]").or(topo_span.clone()),
                 "topology.core.agent_grace_ms",
                 format!(
-                    "{} ms; at least three ping intervals ({} ms)",
+                    "{} ms; at least three ping intervals and the slowest death ({} ms)",
                     core.agent_grace_ms,
-                    topology.ping_interval_ms.saturating_mul(3)
+                    topology
+                        .ping_interval_ms
+                        .saturating_mul(3)
+                        .saturating_add(stop_ms_max)
                 ),
             ));
         }
@@ -427,6 +466,13 @@ impl Scenario {
                     span,
                     &field("name"),
                     format!("{:?}: empty or not unique", j.name),
+                ));
+            }
+            if j.stop_ms > KILL_GRACE_MS {
+                return Err(at(
+                    span,
+                    &field("stop_ms"),
+                    format!("{} ms; at most {KILL_GRACE_MS}", j.stop_ms),
                 ));
             }
             if !user_names.contains(&j.user) {

@@ -7,6 +7,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::runner::KILL_GRACE_MS;
 use crate::scenario::{
     Action, Expect, Fault, JobPlan, Scenario, Situation, Target, Topology, UserSpec,
 };
@@ -29,6 +30,17 @@ const KINDS: [(&str, Action, Option<Action>); 6] = [
     ("latency", Action::Latency, None),
 ];
 
+/// Whether `undo` is what ends an agent fault `fault`.
+fn undoes(fault: Action, undo: Action) -> bool {
+    matches!(
+        (fault, undo),
+        (Action::KillAgent, Action::RestartAgent)
+            | (Action::PauseAgent, Action::ResumeAgent)
+            | (Action::Partition, Action::Heal)
+            | (Action::DropPings, Action::RestorePings)
+    )
+}
+
 /// The scenario seed `seed` stands for, and a one-line summary of its knobs.
 pub fn scenario(seed: u64) -> (Scenario, String) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -49,7 +61,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
     let fail_rate = if rng.random_bool(0.5) { 0.2 } else { 0.0 };
     let retry_rate = rng.random_range(0.0..1.0);
     let long_rate = if rng.random_bool(0.3) { 0.3 } else { 0.05 };
-    let jobs: Vec<JobPlan> = (0..job_count)
+    let mut jobs: Vec<JobPlan> = (0..job_count)
         .map(|i| {
             let hang = rng.random_bool(hang_rate);
             let failing = rng.random_bool(fail_rate);
@@ -80,6 +92,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
                 } else {
                     1
                 },
+                stop_ms: 0,
             }
         })
         .collect();
@@ -163,6 +176,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         ping_timeout_ms: 2_000,
         latency_ms: [1, 5],
         loss: 0.0,
+        reconnect_max_ms: 2_000,
         core: toml::Table::from_iter([(
             "agent_grace_ms".to_string(),
             toml::Value::Integer(rng.random_range(1_500..10_000)),
@@ -178,12 +192,85 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         },
         ..topology
     };
+    // Drawn after loss, for the same reason. The timings Foreman ships
+    // (ping 5 s, timeout 15 s, grace 60 s, reconnect within 10 s), with
+    // faults that last long enough to matter under them.
+    let shipped = rng.random_bool(0.3);
+    let mut topology = if shipped {
+        // Jobs that run for minutes, as jobs under such timings do.
+        for job in &mut jobs {
+            job.duration_ms *= 20;
+        }
+        // Each undo follows its fault in the plan.
+        for i in 1..faults.len() {
+            if undoes(faults[i - 1].action, faults[i].action) {
+                faults[i].at_ms = faults[i - 1].at_ms + rng.random_range(100..90_000);
+            }
+        }
+        Topology {
+            ping_interval_ms: 5_000,
+            ping_timeout_ms: 15_000,
+            reconnect_max_ms: 10_000,
+            core: toml::Table::from_iter([(
+                "agent_grace_ms".to_string(),
+                toml::Value::Integer(60_000),
+            )]),
+            ..topology
+        }
+    } else {
+        topology
+    };
+    // Supervisor outages as production has them: a slow restart or an
+    // upgrade takes from seconds to minutes.
+    let outages = rng.random_bool(0.4);
+    if outages {
+        for (at, restart) in faults
+            .windows(2)
+            .filter(|w| {
+                w[0].action == Action::CrashSupervisor && w[1].action == Action::RestartSupervisor
+            })
+            .map(|w| (w[0].at_ms, w[1].at_ms))
+            .collect::<Vec<_>>()
+        {
+            let long = at + rng.random_range(5_000..300_000);
+            if let Some(f) = faults
+                .iter_mut()
+                .find(|f| f.action == Action::RestartSupervisor && f.at_ms == restart)
+            {
+                f.at_ms = long;
+            }
+        }
+    }
+    // Processes that take time to die once killed, and that print.
+    let slow_deaths = rng.random_bool(0.5);
+    let printing = rng.random_bool(0.5);
+    if slow_deaths {
+        // The agent fences its kill grace earlier: the grace period must
+        // leave it two ping intervals besides.
+        let grace = topology.core["agent_grace_ms"].as_integer().unwrap_or(0);
+        if grace < 2_500 {
+            topology.core.insert(
+                "agent_grace_ms".to_string(),
+                toml::Value::Integer(grace + 1_000),
+            );
+        }
+    }
+    for job in &mut jobs {
+        if slow_deaths {
+            job.stop_ms = rng.random_range(0..=KILL_GRACE_MS);
+        }
+        if printing {
+            job.output = format!("{} says {}\n", job.name, rng.random_range(0..1_000u32));
+        }
+    }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],
-        topology.loss
+        topology.loss,
+        if shipped { "shipped" } else { "short" },
+        if outages { "long" } else { "short" },
     );
     // Everything must settle within two minutes of the plan's end plus the
     // time the work would take run one job at a time (plan caps can
@@ -198,8 +285,10 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
             one * u64::from(j.max_attempts)
         })
         .sum();
+    // Under the shipped timings a lost agent's jobs wait a minute's grace.
+    let recovery_ms = if shipped { 240_000 } else { 120_000 };
     let expect = Expect {
-        settle_ms: 120_000 + serial_ms,
+        settle_ms: recovery_ms + serial_ms,
         ..Expect::default()
     };
     let raw = Scenario {

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use foreman::core::{Event, EventKind, JobState};
 use serde::{Deserialize, Serialize};
 
+use crate::scenario::Action;
+
 /// How a simulated process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,6 +58,11 @@ pub enum Ev {
         name: String,
         error: String,
     },
+    /// The client gave up on a submission it never saw acknowledged (the
+    /// job may exist, once, or not at all).
+    SubmitAbandoned {
+        name: String,
+    },
     /// A cancel request was answered.
     CancelSent {
         name: String,
@@ -63,6 +70,21 @@ pub enum Ev {
     },
     Fault {
         what: String,
+        /// The fault plan's action, where this entry is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        action: Option<Action>,
+        /// The agents it hit.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        agents: Vec<String>,
+        /// A latency fault's new range.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latency_ms: Option<[u64; 2]>,
+    },
+    /// A client is about to ask for a job's cancel (it may or may not be
+    /// answered; the core may or may not hear it).
+    CancelIssued {
+        name: String,
+        job: u64,
     },
     /// An agent's node is paused, and resumed (or killed or restarted,
     /// which end the freeze too).
@@ -90,6 +112,12 @@ pub enum Ev {
         name: String,
         state: JobState,
         attempts: usize,
+        /// Why it is in its state, as the API says.
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        output_tail: String,
     },
 }
 
@@ -304,10 +332,12 @@ pub fn summary(entries: &[Entry]) -> String {
             } => format!("process {job}/{attempt} on {agent}: {end:?}"),
             Ev::Acked { name, job } => format!("client: {name} is job {job}"),
             Ev::SubmitFailed { name, error } => format!("client: {name} not submitted: {error}"),
+            Ev::SubmitAbandoned { name } => format!("client: gives up submitting {name}"),
             Ev::CancelSent { name, job } => {
                 format!("client: cancel of {name} (job {job}) answered")
             }
-            Ev::Fault { what } => format!("fault: {what}"),
+            Ev::Fault { what, .. } => format!("fault: {what}"),
+            Ev::CancelIssued { name, job } => format!("client: cancels {name} (job {job})"),
             Ev::Frozen { agent } => format!("{agent} frozen"),
             Ev::Thawed { agent } => format!("{agent} thawed"),
             Ev::SupervisorDown => "supervisor down".to_string(),
@@ -318,7 +348,20 @@ pub fn summary(entries: &[Entry]) -> String {
                 name,
                 state,
                 attempts,
-            } => format!("final: job {job} ({name}) {state}, {attempts} attempts"),
+                reason,
+                exit_code,
+                output_tail,
+            } => {
+                let mut s =
+                    format!("final: job {job} ({name}) {state}, {attempts} attempts: {reason}");
+                if let Some(code) = exit_code {
+                    s.push_str(&format!(", exit {code}"));
+                }
+                if !output_tail.is_empty() {
+                    s.push_str(&format!(", output {output_tail:?}"));
+                }
+                s
+            }
         };
         out.push_str(&format!("{:>7} {line}\n", e.at));
     }

@@ -130,12 +130,13 @@ impl World {
                     labels: Default::default(),
                     work_dir: PathBuf::from("/nonexistent/sim"),
                     reconnect_min_ms: 100,
-                    reconnect_max_ms: 2_000,
+                    reconnect_max_ms: topology.reconnect_max_ms,
                     reconnect_attempts_max: None,
                 };
                 let runner = SimRunner {
                     agent: name.clone(),
                     trace: trace.clone(),
+                    kill_grace_ms: scenario.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0),
                 };
                 handle
                     .create_node()
@@ -253,6 +254,9 @@ async fn drive(world: World, scenario: Arc<Scenario>, trace: Trace) {
                                     "{:?} on {job}'s agent: {job} never ran",
                                     fault.action
                                 ),
+                                action: None,
+                                agents: Vec::new(),
+                                latency_ms: None,
                             });
                             continue;
                         }
@@ -292,6 +296,7 @@ async fn drive(world: World, scenario: Arc<Scenario>, trace: Trace) {
 async fn submit(world: &World, trace: &Trace, ids: &Ids, job: &JobPlan) {
     let client = world.client(&job.user);
     let mut env = process_env(
+        job.stop_ms,
         job.duration_ms,
         job.exit_code,
         &job.output,
@@ -327,6 +332,9 @@ async fn submit(world: &World, trace: &Trace, ids: &Ids, job: &JobPlan) {
                     error: e.to_string(),
                 });
                 if trace.now() >= deadline {
+                    trace.push(Ev::SubmitAbandoned {
+                        name: job.name.clone(),
+                    });
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -423,6 +431,9 @@ async fn cancel(world: &World, trace: &Trace, ids: &Ids, fault: &Fault, owner: &
         if trace.now() >= deadline {
             trace.push(Ev::Fault {
                 what: format!("cancel {name}: its moment never came"),
+                action: None,
+                agents: Vec::new(),
+                latency_ms: None,
             });
             return;
         }
@@ -433,6 +444,13 @@ async fn cancel(world: &World, trace: &Trace, ids: &Ids, fault: &Fault, owner: &
             Some(when) => format!("cancel {name} ({when:?})"),
             None => format!("cancel {name}"),
         },
+        action: Some(Action::Cancel),
+        agents: Vec::new(),
+        latency_ms: None,
+    });
+    trace.push(Ev::CancelIssued {
+        name: name.clone(),
+        job: job.0,
     });
     let client = world.client(owner);
     while trace.now() < deadline {
@@ -548,6 +566,9 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
     };
     trace.push(Ev::Fault {
         what: format!("{:?}{on}", fault.action),
+        action: Some(fault.action),
+        agents: targets.iter().map(|i| agent_name(*i)).collect(),
+        latency_ms: (fault.action == Action::Latency).then(|| fault.latency_ms.unwrap_or([1, 5])),
     });
 }
 
@@ -572,8 +593,14 @@ async fn settle(world: &World, scenario: &Scenario, trace: &Trace, ids: &Ids, do
             live_jobs: usize::MAX,
         });
         let acked = ids.lock().expect("ids").len();
+        let abandoned = trace.with(|entries| {
+            entries
+                .iter()
+                .filter(|e| matches!(e.ev, Ev::SubmitAbandoned { .. }))
+                .count()
+        });
         let running = running_processes(trace, &up_names);
-        let submitted = acked == scenario.jobs.len();
+        let submitted = acked + abandoned == scenario.jobs.len();
         let ok = !supervisor_down
             && submitted
             && view.live_jobs == 0
@@ -584,7 +611,7 @@ async fn settle(world: &World, scenario: &Scenario, trace: &Trace, ids: &Ids, do
             trace.push(Ev::Settled {
                 ok,
                 detail: format!(
-                    "after {} ms: acked {acked}/{} jobs, {} live in the core, {} cpus used, {}/{up} agents connected, {running} processes running{}",
+                    "after {} ms: acked {acked}/{} jobs ({abandoned} given up), {} live in the core, {} cpus used, {}/{up} agents connected, {running} processes running{}",
                     trace.now() - began,
                     scenario.jobs.len(),
                     view.live_jobs,
@@ -649,6 +676,9 @@ async fn finals(world: &World, trace: &Trace) {
             name: job.spec.env.get("SIM_NAME").cloned().unwrap_or_default(),
             state: job.state,
             attempts: job.attempts.len(),
+            reason: job.reason.to_string(),
+            exit_code: job.exit_code,
+            output_tail: job.output_tail.clone(),
         });
     }
 }

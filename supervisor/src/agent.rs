@@ -50,6 +50,11 @@ enum RunEvent {
 struct Running {
     kill: Option<oneshot::Sender<()>>,
     started: bool,
+    /// The job allows another attempt after this one: the supervisor may
+    /// run it elsewhere once it gives this agent up, so the fence kills it.
+    retryable: bool,
+    /// Killed at the fence: reported `fenced`, not `killed`.
+    fenced: bool,
 }
 
 pub struct Agent {
@@ -111,9 +116,11 @@ impl Agent {
         if self.fenced {
             return None;
         }
+        // Early enough for a killed process to be dead by the fence.
+        let grace = self.runner.kill_grace_ms();
         self.confirmed_at
             .zip(self.fence_ms)
-            .map(|(since, fence)| since.plus_ms(fence))
+            .map(|(since, fence)| since.plus_ms(fence.saturating_sub(grace)))
     }
 
     fn past_fence(&self, now: Millis) -> bool {
@@ -128,14 +135,20 @@ impl Agent {
         }
     }
 
-    /// The supervisor has given up this agent's runs by now (or is about
-    /// to): kill them, so that none runs beside its replacement elsewhere.
-    /// Their results go to the outbox as usual. Returns how many it killed.
+    /// The supervisor may have given up this agent's runs by now (or is
+    /// about to): kill those it may run elsewhere (their job allows another
+    /// attempt), so that none runs beside its replacement. A job's last
+    /// attempt runs on: no other attempt of it can start, and a supervisor
+    /// that was only down (a restart, an upgrade) finds it still running.
+    /// Their results go to the outbox, as `fenced`. Returns how many it killed.
     fn fence(&mut self) -> usize {
         let mut killed = 0;
-        for kill in self.running.values_mut().filter_map(|r| r.kill.take()) {
-            let _ = kill.send(());
-            killed += 1;
+        for run in self.running.values_mut().filter(|r| r.retryable) {
+            if let Some(kill) = run.kill.take() {
+                let _ = kill.send(());
+                run.fenced = true;
+                killed += 1;
+            }
         }
         warn!(
             fence_ms = self.fence_ms,
@@ -215,8 +228,11 @@ impl Agent {
                     attempt: key.1,
                 })
             }
-            RunEvent::Finished(key, report) => {
-                self.running.remove(&key);
+            RunEvent::Finished(key, mut report) => {
+                let fenced = self.running.remove(&key).is_some_and(|r| r.fenced);
+                if fenced && report.outcome == Outcome::Killed {
+                    report.outcome = Outcome::Fenced;
+                }
                 self.outbox.insert(key, report.clone());
                 Some(finished_msg(key, report))
             }
@@ -364,6 +380,7 @@ impl Agent {
                 }
                 let (started_tx, started_rx) = oneshot::channel();
                 let (kill_tx, kill_rx) = oneshot::channel();
+                let retryable = attempt < spec.max_attempts;
                 let order = RunOrder {
                     job,
                     attempt,
@@ -407,6 +424,8 @@ impl Agent {
                     Running {
                         kill: Some(kill_tx),
                         started: false,
+                        retryable,
+                        fenced: false,
                     },
                 );
                 None

@@ -37,6 +37,13 @@ pub type RunFuture = Pin<Box<dyn Future<Output = FinishedReport> + Send>>;
 /// dropped): its processes do not outlive it unwatched.
 pub trait Runner: Send + Sync + 'static {
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture;
+
+    /// The longest a process takes to die once killed (a SIGTERM grace):
+    /// the agent fences this much earlier, so a killed run is gone by the
+    /// time the supervisor may start it elsewhere.
+    fn kill_grace_ms(&self) -> u64 {
+        0
+    }
 }
 
 /// Runs commands as real processes: in the attempt's run dir (or the job's
@@ -63,6 +70,10 @@ impl Default for ProcessRunner {
 }
 
 impl Runner for ProcessRunner {
+    fn kill_grace_ms(&self) -> u64 {
+        self.kill_grace_ms
+    }
+
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture {
         let runner = self.clone();
         Box::pin(async move { runner.run_process(order, control).await })

@@ -29,9 +29,17 @@ pub struct Agent {
     pub link: Link,
     pub cpus: u32,
     pub labels: BTreeMap<String, String>,
+    /// CPUs held by attempts, and by processes dying (below).
     pub used_cpus: u32,
     /// Jobs whose held attempt is on this agent.
     pub jobs: BTreeSet<JobId>,
+    /// Processes of attempts the core does not own that this connection
+    /// reported running and was told to kill: (job, attempt) → CPUs. Their
+    /// CPUs stay held until the agent reports them finished, so nothing is
+    /// dispatched onto CPUs a dying process still uses. A new connection's
+    /// hello says afresh what still runs.
+    #[serde(skip)]
+    pub dying: BTreeMap<(JobId, u32), u32>,
 }
 
 impl Agent {
@@ -145,6 +153,7 @@ mod tests {
             labels: BTreeMap::new(),
             used_cpus: 0,
             jobs: BTreeSet::new(),
+            dying: BTreeMap::new(),
         });
         agents.check();
         assert_eq!(agents.best_fit(2), Some(&AgentId::new("a1")));

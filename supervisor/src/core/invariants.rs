@@ -125,8 +125,14 @@ impl Core {
         // Capacity is conserved: what agents, pools and users hold is exactly
         // what attempts hold; nothing leaked, nothing granted twice.
         for agent in p.agents.iter() {
-            let used = agent_used.get(agent.id.as_str()).copied().unwrap_or(0);
+            let used = agent_used.get(agent.id.as_str()).copied().unwrap_or(0)
+                + agent.dying.values().sum::<u32>();
             assert_eq!(agent.used_cpus, used, "agent {} used cpus", agent.id);
+            assert!(
+                agent.conn().is_some() || agent.dying.is_empty(),
+                "agent {} is away and holds dying processes",
+                agent.id
+            );
             let jobs = agent_jobs.remove(agent.id.as_str()).unwrap_or_default();
             assert_eq!(agent.jobs, jobs, "agent {} job list", agent.id);
             let timer = p.timers.get(&TimerKey::Agent(agent.id.clone()));

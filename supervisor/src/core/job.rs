@@ -20,6 +20,9 @@ pub enum Outcome {
     Signaled { signal: i32 },
     /// The agent killed it because the supervisor asked.
     Killed,
+    /// The agent killed it on its own: it had been out of contact with the
+    /// supervisor past its fence, and the supervisor may run it elsewhere.
+    Fenced,
     /// It never started: the program could not be executed.
     SpawnFailed { error: String },
 }

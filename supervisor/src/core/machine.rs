@@ -551,6 +551,12 @@ impl Core {
                 stop.as_str(),
                 Described(&report.outcome)
             )),
+            (Release::Finished(report), _) if report.outcome == Outcome::Fenced => {
+                self.text(format_args!(
+                    "agent {agent} lost contact with the supervisor: attempt {number} {}",
+                    Described(&report.outcome)
+                ))
+            }
             (Release::Finished(report), None) => {
                 self.text(format_args!("{}", Described(&report.outcome)))
             }
@@ -582,10 +588,13 @@ impl Core {
             }
             (state, _) if state.is_terminal() => self.touch(id),
             // A process that ran to its end counts, even if its start was
-            // acknowledged too late; only a killed one never really ran.
+            // acknowledged too late; only a killed one never really ran. One
+            // its agent killed at the fence was lost to lost contact, not
+            // ended by the job: it is run again, or lost.
             (_, Release::Finished(report))
                 if !(stop == Some(StopReason::DispatchTimeout)
-                    && report.outcome == Outcome::Killed) =>
+                    && report.outcome == Outcome::Killed)
+                    && report.outcome != Outcome::Fenced =>
             {
                 match report.outcome {
                     Outcome::Exited { code: 0 } => self.set_state(id, JobState::Succeeded, reason),
@@ -803,6 +812,7 @@ impl Core {
         let now = self.now;
         let previous = self.agents.update(&agent_id, |a| {
             let old = a.link;
+            forget_dying(a);
             a.link = Link::Connected { conn, since: now };
             a.cpus = cpus;
             a.labels = labels.clone();
@@ -816,6 +826,7 @@ impl Core {
                 labels,
                 used_cpus: 0,
                 jobs: BTreeSet::new(),
+                dying: BTreeMap::new(),
             }),
             Some(Link::Connected { conn: old, .. }) => {
                 self.out.push(Effect::Close {
@@ -944,6 +955,22 @@ impl Core {
             EventKind::StaleReport,
             why.to_string(),
         );
+        // A process told to die keeps its CPUs until it has: they are not
+        // free for another job while it may still be dying.
+        let cpus = self.jobs.get(&id).map(|j| j.job.spec.cpus);
+        self.agents.update(agent, |a| {
+            if finished {
+                if let Some(held) = a.dying.remove(&(id, attempt)) {
+                    a.used_cpus -= held;
+                }
+            } else if !a.dying.contains_key(&(id, attempt)) {
+                // A job the core no longer keeps: its size is unknown, so
+                // the whole agent waits.
+                let held = cpus.unwrap_or(a.cpus).max(1);
+                a.dying.insert((id, attempt), held);
+                a.used_cpus += held;
+            }
+        });
         let msg = if finished {
             ToAgent::Ack { job: id, attempt }
         } else {
@@ -1062,6 +1089,7 @@ impl Core {
         let jobs = self
             .agents
             .update(agent_id, |a| {
+                forget_dying(a);
                 a.link = Link::Disconnected { since: now, reason };
                 a.jobs.iter().copied().collect::<Vec<_>>()
             })
@@ -1324,6 +1352,7 @@ impl Core {
                         cpus: attempt.cpus,
                         labels: BTreeMap::new(),
                         used_cpus: 0,
+                        dying: BTreeMap::new(),
                         jobs: BTreeSet::new(),
                     });
                     core.timers.set(
@@ -1473,6 +1502,13 @@ fn check_record(config: &CoreConfig, job: &Job, next_job: u64) -> Result<(), Res
     Ok(())
 }
 
+/// A new connection, or none: what the old one was killing, the next hello
+/// reports afresh.
+fn forget_dying(agent: &mut Agent) {
+    let dying: u32 = std::mem::take(&mut agent.dying).values().sum();
+    agent.used_cpus -= dying;
+}
+
 /// An outcome in words, formatted without allocating.
 struct Described<'a>(&'a Outcome);
 
@@ -1482,6 +1518,9 @@ impl std::fmt::Display for Described<'_> {
             Outcome::Exited { code } => write!(f, "exited with code {code}"),
             Outcome::Signaled { signal } => write!(f, "killed by signal {signal}"),
             Outcome::Killed => f.write_str("killed on request"),
+            Outcome::Fenced => f.write_str(
+                "killed by its agent, out of contact with the supervisor past its fence",
+            ),
             Outcome::SpawnFailed { error } => write!(f, "could not start: {error}"),
         }
     }

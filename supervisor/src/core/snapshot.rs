@@ -39,6 +39,9 @@ pub struct AgentRecord {
     pub link: Link,
     pub cpus: u32,
     pub labels: BTreeMap<String, String>,
+    /// Dying processes of attempts the core does not own: (job, attempt, CPUs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dying: Vec<(JobId, u32, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +79,7 @@ impl Core {
                     link: a.link,
                     cpus: a.cpus,
                     labels: a.labels.clone(),
+                    dying: a.dying.iter().map(|(&(j, n), &c)| (j, n, c)).collect(),
                 })
                 .collect(),
             queues: p
@@ -135,13 +139,22 @@ impl Core {
                     Some(since.plus_ms(grace_ms)),
                 );
             }
+            let dying: BTreeMap<(JobId, u32), u32> = record
+                .dying
+                .iter()
+                .map(|&(job, attempt, cpus)| ((job, attempt), cpus))
+                .collect();
+            if dying.len() != record.dying.len() || dying.values().any(|&c| c == 0) {
+                return Err(bad("an agent's dying processes repeat or hold nothing"));
+            }
             core.insert_agent(Agent {
                 id: record.id,
                 link: record.link,
                 cpus: record.cpus,
                 labels: record.labels,
-                used_cpus: 0,
+                used_cpus: dying.values().sum(),
                 jobs: BTreeSet::new(),
+                dying,
             });
         }
         let mut waiting: [BTreeMap<(u8, UserKey), VecDeque<JobId>>; 2] = Default::default();
