@@ -543,9 +543,11 @@ impl Checker for Liveness {
     }
 }
 
-/// The scenario's own expectations: end states, attempts, dispatch order.
+/// The scenario's own expectations: end states, attempts, dispatch order,
+/// the rare events it must reach.
 struct Expectations<'a> {
     scenario: &'a Scenario,
+    reached: BTreeMap<&'static str, usize>,
     finals: BTreeMap<String, (JobState, usize)>,
     /// Jobs by first dispatch (a job is dispatched before its client hears
     /// its id, so names are matched at the end).
@@ -581,6 +583,18 @@ impl Checker for Expectations<'_> {
     }
     fn finish(&mut self, end: u64, out: &mut Vec<Violation>) {
         let expect = &self.scenario.expect;
+        for name in &expect.reached {
+            if !self.reached.contains_key(name.as_str()) {
+                out.push(violation(
+                    self.name(),
+                    end,
+                    format!(
+                        "never reached {name:?}, which this scenario exists to produce (reached: {:?})",
+                        self.reached.keys().collect::<Vec<_>>()
+                    ),
+                ));
+            }
+        }
         for (name, want) in &expect.states {
             match self.finals.get(name) {
                 Some((got, _)) if got == want => {}
@@ -704,6 +718,7 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
         Box::new(outcome::Outcome::new(scenario, max_latency_ms(scenario))),
         Box::new(Expectations {
             scenario,
+            reached: crate::rare::reached(trace),
             finals: BTreeMap::new(),
             dispatched: Vec::new(),
             names: BTreeMap::new(),

@@ -199,6 +199,11 @@ fn print_result(label: &str, result: &RunResult) {
         (result.sim_ms as f64 / 1000.0 / result.wall.as_secs_f64().max(1e-9)) as u64,
         result.trace.len()
     );
+    let reached = foreman_sim::rare::reached(&result.trace);
+    if !reached.is_empty() {
+        let names: Vec<String> = reached.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+        println!("  reached: {}", names.join(", "));
+    }
     if let Some(crash) = &result.crash {
         println!("  crash: {crash}");
     }
@@ -328,6 +333,8 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
     let failures = Arc::new(Mutex::new(Vec::<(u64, Verdict, String)>::new()));
     let done = Arc::new(AtomicU64::new(0));
     let sim_ms = Arc::new(AtomicU64::new(0));
+    // Seeds that reached each rare event.
+    let reached = Arc::new(Mutex::new(std::collections::BTreeMap::<&str, u64>::new()));
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else if time.is_some() {
@@ -345,7 +352,7 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
     let began = std::time::Instant::now();
     let workers: Vec<_> = (0..jobs)
         .map(|_| {
-            let (next, stop, failures, done, sim_ms, bar, out) = (
+            let (next, stop, failures, done, sim_ms, bar, out, reached) = (
                 next.clone(),
                 stop.clone(),
                 failures.clone(),
@@ -353,6 +360,7 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                 sim_ms.clone(),
                 bar.clone(),
                 out.to_path_buf(),
+                reached.clone(),
             );
             #[allow(clippy::disallowed_methods)] // worker threads of the campaign
             std::thread::spawn(move || loop {
@@ -374,6 +382,12 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                 let (scenario, summary) = foreman_sim::swarm::scenario(seed);
                 let result = run(&scenario, seed);
                 sim_ms.fetch_add(result.sim_ms, Ordering::Relaxed);
+                {
+                    let mut reached = reached.lock().expect("reached");
+                    for name in foreman_sim::rare::reached(&result.trace).into_keys() {
+                        *reached.entry(name).or_default() += 1;
+                    }
+                }
                 let mut verdict = result.verdict();
                 let mut diverged = None;
                 if recheck > 0 && seed % recheck == 0 {
@@ -421,6 +435,14 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
     );
     for (seed, verdict, replay) in failures.iter() {
         println!("  seed {seed}: {}; {replay}", verdict.as_str());
+    }
+    let reached = reached.lock().expect("reached");
+    println!("rare events (seeds that reached each, of {count}):");
+    for (name, meaning) in foreman_sim::rare::ALL {
+        match reached.get(name) {
+            Some(n) => println!("  {name:<36} {n:>7}  {meaning}"),
+            None => println!("  {name:<36} {:>7}  NEVER REACHED: {meaning}", 0),
+        }
     }
     failures.iter().fold(Verdict::Pass, |w, f| w.worst(f.1)) as i32
 }

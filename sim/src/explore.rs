@@ -386,6 +386,7 @@ fn cut(path: &'static str, limit: usize) -> Work {
                     agent: "agent-0".into(),
                     trace: trace.clone(),
                     kill_grace_ms: 0,
+                    gone: Default::default(),
                 };
                 let polls = agent_node
                     .spawn(DropAt::new(
@@ -460,6 +461,7 @@ fn agent_node(
         agent: "agent-0".into(),
         trace: trace.clone(),
         kill_grace_ms: 0,
+        gone: Default::default(),
     };
     node.spawn(Agent::new(agent_options(addr, attempts), Arc::new(runner)).run());
     node

@@ -5,6 +5,7 @@
 //! - `scenario`: scenarios as data (`scenarios/*.toml`).
 //! - `trace`: the structured trace of a run.
 //! - `checkers`: one passive checker per invariant, fed by the trace.
+//! - `rare`: the rare events a run reached, named and counted.
 //! - `runner`: the simulated `Runner` (jobs that take simulated time).
 //! - `world`: the composer of a world and the driver of a scenario.
 //! - `play`: one scenario on one seed, on a fresh runtime and thread.
@@ -14,6 +15,7 @@ pub mod checkers;
 pub mod explore;
 #[cfg(madsim)]
 pub mod play;
+pub mod rare;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -12,6 +12,8 @@
 //!   most `KILL_GRACE_MS`, after which a real runner's SIGKILL ends it).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use foreman::agent::runner::{RunControl, RunFuture, RunOrder, Runner};
@@ -23,6 +25,9 @@ use crate::trace::{Ev, ProcessEnd, Trace};
 pub struct SimRunner {
     pub agent: String,
     pub trace: Trace,
+    /// Set when this runner's host is gone for good (a reboot): its
+    /// processes were declared vanished then, and say nothing more.
+    pub gone: Arc<AtomicBool>,
     /// The longest its processes take to die once killed (the scenario's
     /// largest `stop_ms`): the agent fences this much earlier.
     pub kill_grace_ms: u64,
@@ -31,6 +36,7 @@ pub struct SimRunner {
 /// Records the end of a process; if the process is dropped unfinished (its
 /// node died), it vanished.
 struct Running {
+    gone: Arc<AtomicBool>,
     trace: Trace,
     job: u64,
     attempt: u32,
@@ -40,6 +46,9 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if self.gone.load(Ordering::Relaxed) {
+            return;
+        }
         self.trace.push(Ev::ProcessEnded {
             job: self.job,
             attempt: self.attempt,
@@ -106,6 +115,7 @@ impl Runner for SimRunner {
                 cpus: order.spec.cpus,
             });
             let mut process = Running {
+                gone: runner.gone.clone(),
                 trace: runner.trace.clone(),
                 job: order.job.0,
                 attempt: order.attempt,

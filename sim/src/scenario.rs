@@ -135,6 +135,11 @@ impl Target {
 pub enum Action {
     KillAgent,
     RestartAgent,
+    /// The agent's host reboots without closing its connections: the
+    /// supervisor's side of them stays half-open (as after a power cut)
+    /// until its ping timeout, or until the new agent's connection with the
+    /// same id replaces it.
+    RebootAgent,
     PauseAgent,
     ResumeAgent,
     /// Both directions between the agent and the supervisor are cut.
@@ -198,6 +203,8 @@ pub struct Expect {
     pub attempts: BTreeMap<String, usize>,
     /// Jobs named in the order their first attempt was dispatched (a subsequence check).
     pub dispatch_order: Vec<String>,
+    /// Rare events (`rare::ALL`) the run must reach: what the scenario exists for.
+    pub reached: Vec<String>,
 }
 
 impl Default for Expect {
@@ -207,6 +214,7 @@ impl Default for Expect {
             states: BTreeMap::new(),
             attempts: BTreeMap::new(),
             dispatch_order: Vec::new(),
+            reached: Vec::new(),
         }
     }
 }
@@ -384,22 +392,23 @@ impl Scenario {
             .map(|j| j.get_ref().stop_ms)
             .max()
             .unwrap_or(0);
-        if core.agent_grace_ms
-            < topology
+        // Three ping intervals, and room for the slowest death beyond the
+        // agent's three-interval floor (PROTOCOL.md, Fencing).
+        let grace_min = if stop_ms_max == 0 {
+            topology.ping_interval_ms.saturating_mul(3)
+        } else {
+            topology
                 .ping_interval_ms
-                .saturating_mul(3)
+                .saturating_mul(4)
                 .saturating_add(stop_ms_max)
-        {
+        };
+        if core.agent_grace_ms < grace_min {
             return Err(at(
                 find_line(text, "[topology.core]").or(topo_span.clone()),
                 "topology.core.agent_grace_ms",
                 format!(
-                    "{} ms; at least three ping intervals and the slowest death ({} ms)",
+                    "{} ms; at least three ping intervals, four and the slowest death with stop_ms ({grace_min} ms)",
                     core.agent_grace_ms,
-                    topology
-                        .ping_interval_ms
-                        .saturating_mul(3)
-                        .saturating_add(stop_ms_max)
                 ),
             ));
         }
@@ -514,6 +523,7 @@ impl Scenario {
                 f.action,
                 Action::KillAgent
                     | Action::RestartAgent
+                    | Action::RebootAgent
                     | Action::PauseAgent
                     | Action::ResumeAgent
                     | Action::Partition
@@ -617,6 +627,14 @@ impl Scenario {
             if let Some(name) = names.into_iter().find(|n| !job_names.contains(*n)) {
                 return Err(at(expect_span.clone(), field, format!("no job {name:?}")));
             }
+        }
+        if let Some(name) = expect.reached.iter().find(|n| !crate::rare::is_known(n)) {
+            let known: Vec<&str> = crate::rare::ALL.iter().map(|(n, _)| *n).collect();
+            return Err(at(
+                expect_span,
+                "expect.reached",
+                format!("no rare event {name:?}; known: {}", known.join(", ")),
+            ));
         }
         Ok(Scenario {
             name: name.to_string(),

@@ -241,6 +241,32 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
             }
         }
     }
+    // Hosts that stop dead and boot again (their old connections left
+    // half-open), and a host lost for good (its agent never comes back:
+    // its work must fail over).
+    let rebooting = rng.random_bool(0.25);
+    if rebooting {
+        for _ in 0..rng.random_range(1..=2) {
+            faults.push(Fault {
+                at_ms: rng.random_range(0..PLAN_MS - 20_000),
+                action: Action::RebootAgent,
+                agent: Some(Target::One(rng.random_range(0..AGENTS))),
+                job: None,
+                when: None,
+                latency_ms: None,
+            });
+        }
+    }
+    let lost_for_good = rng.random_bool(0.2);
+    if lost_for_good {
+        if let Some(i) = (1..faults.len()).find(|&i| {
+            faults[i - 1].action == Action::KillAgent
+                && faults[i].action == Action::RestartAgent
+                && matches!(faults[i].agent, Some(Target::One(_)))
+        }) {
+            faults.remove(i);
+        }
+    }
     // Processes that take time to die once killed, and that print.
     let slow_deaths = rng.random_bool(0.5);
     let printing = rng.random_bool(0.5);
@@ -264,7 +290,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         }
     }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],

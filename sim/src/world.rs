@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use madsim::runtime::{Handle, NodeHandle};
 
 use crate::runner::{process_env, SimRunner};
 use crate::scenario::{Action, Fault, JobPlan, Scenario, Situation, Target};
-use crate::trace::{CoreView, Entry, Ev, Trace};
+use crate::trace::{CoreView, Entry, Ev, ProcessEnd, Trace};
 
 pub const ADMIN_TOKEN: &str = "sim-admin-token";
 pub const AGENT_TOKEN: &str = "sim-agent-token";
@@ -52,8 +53,45 @@ pub fn madsim_config(scenario: &Scenario) -> madsim::Config {
 
 pub struct World {
     pub supervisor: NodeHandle,
-    pub agents: Vec<NodeHandle>,
+    /// Each agent's current node, and the flag that retires its runner (a
+    /// reboot moves an agent to a new node).
+    pub agents: Mutex<Vec<(NodeHandle, Arc<AtomicBool>)>>,
+    /// How each agent's node is made.
+    agent_makers: Vec<AgentMaker>,
+    /// Nodes of agents before their reboot: frozen for good.
+    retired: Mutex<Vec<NodeHandle>>,
     pub api: String,
+}
+
+#[derive(Clone)]
+struct AgentMaker {
+    name: String,
+    options: AgentOptions,
+    runner: SimRunner,
+}
+
+impl AgentMaker {
+    /// A node for the agent; each has a runner of its own.
+    fn node(&self, host: u8) -> (NodeHandle, Arc<AtomicBool>) {
+        let runner = SimRunner {
+            gone: Arc::default(),
+            ..self.runner.clone()
+        };
+        let gone = runner.gone.clone();
+        let options = self.options.clone();
+        let node = Handle::current()
+            .create_node()
+            .name(self.name.clone())
+            .ip(ip(host))
+            .init(move || {
+                let agent = Agent::new(options.clone(), Arc::new(runner.clone()));
+                async move {
+                    let _ = agent.run().await;
+                }
+            })
+            .build();
+        (node, gone)
+    }
 }
 
 impl World {
@@ -119,7 +157,7 @@ impl World {
                 }
             })
             .build();
-        let agents = (0..topology.agents)
+        let agent_makers: Vec<AgentMaker> = (0..topology.agents)
             .map(|i| {
                 let name = agent_name(i);
                 let options = AgentOptions {
@@ -137,25 +175,73 @@ impl World {
                     agent: name.clone(),
                     trace: trace.clone(),
                     kill_grace_ms: scenario.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0),
+                    gone: Default::default(),
                 };
-                handle
-                    .create_node()
-                    .name(name)
-                    .ip(ip(11 + i as u8))
-                    .init(move || {
-                        let agent = Agent::new(options.clone(), Arc::new(runner.clone()));
-                        async move {
-                            let _ = agent.run().await;
-                        }
-                    })
-                    .build()
+                AgentMaker {
+                    name,
+                    options,
+                    runner,
+                }
             })
+            .collect();
+        let agents = agent_makers
+            .iter()
+            .enumerate()
+            .map(|(i, maker)| maker.node(11 + i as u8))
             .collect();
         World {
             supervisor,
-            agents,
+            agents: Mutex::new(agents),
+            agent_makers,
+            retired: Mutex::default(),
             api: SocketAddr::new(ip(1), API_PORT).to_string(),
         }
+    }
+
+    /// The node agent `i` runs on now.
+    pub fn agent_node(&self, i: usize) -> madsim::task::NodeId {
+        self.agents.lock().expect("agents")[i].0.id()
+    }
+
+    pub fn agent_count(&self) -> usize {
+        self.agents.lock().expect("agents").len()
+    }
+
+    /// Every node of the world but the clients'.
+    pub fn nodes(&self) -> Vec<madsim::task::NodeId> {
+        let agents = self.agents.lock().expect("agents");
+        let retired = self.retired.lock().expect("retired");
+        std::iter::once(self.supervisor.id())
+            .chain(agents.iter().map(|a| a.0.id()))
+            .chain(retired.iter().map(|n| n.id()))
+            .collect()
+    }
+
+    /// Agent `i`'s host stops dead and boots again: the old node freezes
+    /// for good, its connections left half-open, its processes gone; the
+    /// agent starts afresh, with the same id, on a new node.
+    fn reboot(&self, i: usize, trace: &Trace) {
+        let mut agents = self.agents.lock().expect("agents");
+        let mut retired = self.retired.lock().expect("retired");
+        let (old, gone) = agents[i].clone();
+        Handle::current().pause(old.id());
+        gone.store(true, Ordering::Relaxed);
+        let name = agent_name(i);
+        for (job, attempt, agent) in trace.running_processes() {
+            if agent == name {
+                trace.push(Ev::ProcessEnded {
+                    job,
+                    attempt,
+                    agent,
+                    end: ProcessEnd::Vanished,
+                });
+            }
+        }
+        retired.push(old);
+        // Hosts 11.. are first boots; reboots take 100.. (clients use 200..).
+        let host = 100 + u8::try_from(retired.len()).expect("at most 99 reboots");
+        assert!(host < 200, "at most 99 reboots in a run");
+        agents[i] = self.agent_makers[i].node(host);
     }
 
     pub fn client(&self, user: &str) -> Client {
@@ -182,14 +268,11 @@ pub fn agent_name(i: usize) -> String {
 /// Plays a scenario in the current madsim runtime and returns its trace.
 pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
     let trace = Trace::new();
-    let world = World::build(&scenario, &trace, data_dir);
+    let world = Arc::new(World::build(&scenario, &trace, data_dir));
     let control = world.client_node(0);
-    let nodes: Vec<_> = std::iter::once(world.supervisor.id())
-        .chain(world.agents.iter().map(|a| a.id()))
-        .chain([control.id()])
-        .collect();
     let driven = trace.clone();
-    let result = control.spawn(drive(world, scenario, driven)).await;
+    let result = control.spawn(drive(world.clone(), scenario, driven)).await;
+    let nodes: Vec<_> = world.nodes().into_iter().chain([control.id()]).collect();
     if let Err(e) = result {
         trace.push(Ev::Settled {
             ok: false,
@@ -218,8 +301,7 @@ async fn sleep_until_ms(trace: &Trace, at_ms: u64) {
     }
 }
 
-async fn drive(world: World, scenario: Arc<Scenario>, trace: Trace) {
-    let world = Arc::new(world);
+async fn drive(world: Arc<World>, scenario: Arc<Scenario>, trace: Trace) {
     let ids: Ids = Arc::default();
     let mut tasks = Vec::new();
     for job in scenario.jobs.clone() {
@@ -481,16 +563,19 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
     let targets = fault
         .agent
         .as_ref()
-        .map(|t| t.agents(world.agents.len()))
+        .map(|t| t.agents(world.agent_count()))
         .unwrap_or_default();
     for &i in &targets {
-        let node = world.agents[i].id();
+        let node = world.agent_node(i);
         match fault.action {
             Action::PauseAgent if !down.paused.contains(&i) => trace.push(Ev::Frozen {
                 agent: agent_name(i),
             }),
             // A killed or restarted node is no longer frozen either.
-            Action::ResumeAgent | Action::KillAgent | Action::RestartAgent
+            Action::ResumeAgent
+            | Action::KillAgent
+            | Action::RestartAgent
+            | Action::RebootAgent
                 if down.paused.contains(&i) =>
             {
                 trace.push(Ev::Thawed {
@@ -510,6 +595,14 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
                 // restart is a crash and a fresh start.
                 handle.kill(node);
                 handle.restart(node);
+                down.killed.remove(&i);
+                down.paused.remove(&i);
+            }
+            Action::RebootAgent => {
+                if down.killed.contains(&i) {
+                    handle.kill(node); // no half-open links of a dead node
+                }
+                world.reboot(i, trace);
                 down.killed.remove(&i);
                 down.paused.remove(&i);
             }
@@ -556,7 +649,7 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
         }
         _ => {}
     }
-    let on = if targets.len() == world.agents.len() && targets.len() > 1 {
+    let on = if targets.len() == world.agent_count() && targets.len() > 1 {
         " all agents".to_string()
     } else {
         targets
@@ -581,7 +674,7 @@ async fn settle(world: &World, scenario: &Scenario, trace: &Trace, ids: &Ids, do
     loop {
         let (up, supervisor_down, up_names) = {
             let down = down.lock().expect("down");
-            let up: Vec<usize> = (0..world.agents.len())
+            let up: Vec<usize> = (0..world.agent_count())
                 .filter(|i| !down.killed.contains(i) && !down.paused.contains(i))
                 .collect();
             let names: Vec<String> = up.iter().map(|i| agent_name(*i)).collect();

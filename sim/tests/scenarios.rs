@@ -63,6 +63,71 @@ fn every_named_scenario_passes_on_fixed_seeds() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// Every regression scenario (`scenarios/regressions/`, each a failure
+/// once found and fixed) passes on fixed seeds, and reaches what it pins.
+#[test]
+fn every_regression_scenario_passes_on_fixed_seeds() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/regressions");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "the regressions are gone: {files:?}");
+    let mut failures = Vec::new();
+    for file in files {
+        let scenario = Scenario::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !scenario.expect.reached.is_empty(),
+            "{}: a regression names the rare events it pins",
+            file.display()
+        );
+        for seed in 1..=5 {
+            let result = run(&scenario, seed);
+            if result.verdict() != Verdict::Pass {
+                failures.push(format!(
+                    "{} seed {seed}: {} {:?} {:?}",
+                    scenario.name,
+                    result.verdict().as_str(),
+                    result.crash,
+                    result.violations
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The outage regression really is an outage longer than the fence, with a
+/// job's last attempt running through it to its own end.
+#[test]
+fn a_last_attempt_outlives_a_supervisor_outage_longer_than_the_fence() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios/regressions/supervisor-outage-keeps-running-jobs.toml");
+    let scenario = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let result = run(&scenario, 1);
+    assert_eq!(result.verdict(), Verdict::Pass, "{:?}", result.violations);
+    let fence_ms = scenario.core.agent_grace_ms - scenario.topology.ping_interval_ms;
+    let at = |action| {
+        scenario
+            .faults
+            .iter()
+            .find(|f| f.action == action)
+            .map(|f| f.at_ms)
+            .expect("the fault")
+    };
+    use foreman_sim::scenario::Action;
+    let outage_ms = at(Action::RestartSupervisor) - at(Action::CrashSupervisor);
+    assert!(outage_ms > 3 * fence_ms, "{outage_ms} ms is no long outage");
+    let reached = foreman_sim::rare::reached(&result.trace);
+    assert!(
+        reached.contains_key("process-outlived-supervisor"),
+        "{reached:?}"
+    );
+    assert!(reached.contains_key("fence-kill"), "{reached:?}");
+}
+
 #[test]
 fn named_scenario_traces_match_their_snapshots() {
     for name in NAMED {

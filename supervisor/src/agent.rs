@@ -67,6 +67,8 @@ pub struct Agent {
     events: mpsc::UnboundedReceiver<RunEvent>,
     /// From the latest welcome: how long runs may outlive a lost connection.
     fence_ms: Option<u64>,
+    /// From the latest welcome: how often the supervisor pings.
+    ping_interval_ms: u64,
     /// When the agent sent the latest hello or pong that the supervisor
     /// confirms it received: a pong by a later ping's acknowledgement, a
     /// hello by the first message of the core on that connection (a welcome
@@ -105,6 +107,7 @@ impl Agent {
             events_tx,
             events,
             fence_ms: None,
+            ping_interval_ms: 0,
             confirmed_at: None,
             fenced: false,
             pings: BTreeMap::new(),
@@ -116,11 +119,17 @@ impl Agent {
         if self.fenced {
             return None;
         }
-        // Early enough for a killed process to be dead by the fence.
-        let grace = self.runner.kill_grace_ms();
-        self.confirmed_at
-            .zip(self.fence_ms)
-            .map(|(since, fence)| since.plus_ms(fence.saturating_sub(grace)))
+        // Early enough for a killed process to be dead by the fence, but
+        // never within three ping intervals of the confirmation: a pong is
+        // confirmed up to two intervals after it left, and a fence closer
+        // than that would fire on a healthy link. A grace period too short
+        // for the runner's kill grace loses that much of it (a process that
+        // ignores SIGTERM may then overlap its successor by the rest).
+        let kill_grace = self.runner.kill_grace_ms();
+        self.confirmed_at.zip(self.fence_ms).map(|(since, fence)| {
+            let room = fence.saturating_sub(3 * self.ping_interval_ms);
+            since.plus_ms(fence - kill_grace.min(room))
+        })
     }
 
     fn past_fence(&self, now: Millis) -> bool {
@@ -278,10 +287,12 @@ impl Agent {
             None => connect.await?,
         };
         let Welcome {
+            ping_interval_ms,
             ping_timeout_ms: silence_ms,
             fence_ms,
         } = welcome;
         self.fence_ms = fence_ms;
+        self.ping_interval_ms = ping_interval_ms;
         self.pings.clear();
         info!("connected");
         let bound = Duration::from_millis(silence_ms);
@@ -493,6 +504,7 @@ async fn send_within(
 
 /// What the agent keeps of a welcome.
 struct Welcome {
+    ping_interval_ms: u64,
     ping_timeout_ms: u64,
     fence_ms: Option<u64>,
 }
@@ -532,10 +544,12 @@ async fn connect(
     let welcome = match tokio::time::timeout(bound, frames.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => match protocol::decode_to_agent(text.as_str()) {
             Ok(ToAgentMsg::Welcome {
+                ping_interval_ms,
                 ping_timeout_ms,
                 fence_ms,
                 ..
             }) => Welcome {
+                ping_interval_ms,
                 ping_timeout_ms,
                 fence_ms,
             },

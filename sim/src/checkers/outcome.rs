@@ -73,11 +73,15 @@ impl<'a> Outcome<'a> {
             plans: scenario.jobs.iter().map(|j| (j.name.as_str(), j)).collect(),
             ping_interval_ms: topology.ping_interval_ms.max(1),
             ping_timeout_ms: topology.ping_timeout_ms,
-            fence_ms: scenario
-                .core
-                .agent_grace_ms
-                .saturating_sub(topology.ping_interval_ms)
-                .saturating_sub(scenario.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0)),
+            fence_ms: {
+                let fence = scenario
+                    .core
+                    .agent_grace_ms
+                    .saturating_sub(topology.ping_interval_ms);
+                let kill_grace = scenario.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0);
+                let room = fence.saturating_sub(3 * topology.ping_interval_ms);
+                fence - kill_grace.min(room)
+            },
             run_slack_ms: 4 * max_latency_ms + topology.ping_interval_ms,
             agents_of: BTreeMap::new(),
             live: BTreeSet::new(),
@@ -275,7 +279,9 @@ fn cuts(action: Action) -> Option<(&'static [Action], &'static [Action])> {
         Action::RestorePings => Some((&[], &[Action::DropPings])),
         // A crash and a fresh start: it is neither dead nor frozen after,
         // though its links stay as they were.
-        Action::RestartAgent => Some((&[], &[Action::KillAgent, Action::PauseAgent])),
+        Action::RestartAgent | Action::RebootAgent => {
+            Some((&[], &[Action::KillAgent, Action::PauseAgent]))
+        }
         _ => None,
     }
 }

@@ -54,10 +54,15 @@ fn new_agent() -> (Agent, Arc<Counting>) {
     (Agent::new(options(), runner.clone()), runner)
 }
 
+/// The first attempt of a job allowed one.
 fn run(job: u64) -> ToAgentMsg {
+    run_of(job, 1, 1)
+}
+
+fn run_of(job: u64, attempt: u32, max_attempts: u32) -> ToAgentMsg {
     ToAgentMsg::Run {
         job: JobId(job),
-        attempt: 1,
+        attempt,
         spec: Arc::new(JobSpec {
             argv: vec!["sleep".into(), "60".into()],
             env: BTreeMap::new(),
@@ -67,7 +72,7 @@ fn run(job: u64) -> ToAgentMsg {
             cpus: 1,
             max_run_secs: 60,
             queue_timeout_secs: None,
-            max_attempts: 1,
+            max_attempts,
             idempotency_key: None,
         }),
     }
@@ -227,23 +232,71 @@ async fn it_runs_an_attempt_once_keeps_its_result_until_acknowledged_and_kills_o
 }
 
 #[tokio::test]
-async fn the_fence_kills_every_run_and_their_results_still_reach_the_outbox() {
+async fn the_fence_kills_the_runs_that_may_run_elsewhere_and_reports_them_fenced() {
     let (mut agent, _) = new_agent();
-    agent.obey(run(1));
-    agent.obey(run(2));
-    assert_eq!(agent.fence(), 2, "both were killed");
+    // Attempts 1 of 2 and 2 of 3: the supervisor may start another of each.
+    agent.obey(run_of(1, 1, 2));
+    agent.obey(run_of(2, 2, 3));
+    // A job's last attempt: no other attempt of it can start anywhere.
+    agent.obey(run_of(3, 1, 1));
+    agent.obey(run_of(4, 3, 3));
+    assert_eq!(agent.fence(), 2, "only the two that may run elsewhere");
     assert!(agent.fenced);
+    assert!(agent.running[&(JobId(3), 1)].kill.is_some(), "runs on");
+    assert!(agent.running[&(JobId(4), 3)].kill.is_some(), "runs on");
     let mut finished = Vec::new();
     while finished.len() < 2 {
         let event = agent.events.recv().await.expect("an event");
         if let Some(FromAgent::Finished { job, outcome, .. }) = agent.absorb(event) {
-            assert_eq!(outcome, Outcome::Killed);
+            assert_eq!(outcome, Outcome::Fenced, "job {job}: not a kill on request");
             finished.push(job.0);
         }
     }
     finished.sort();
     assert_eq!(finished, vec![1, 2]);
-    assert_eq!(keys_in_hello(&agent), vec![(1, 1), (2, 1)]);
+    assert_eq!(
+        keys_in_hello(&agent),
+        vec![(3, 1), (4, 3), (1, 1), (2, 2)],
+        "the others still run; the fenced results wait in the outbox"
+    );
+    // A kill the supervisor asks for is a kill on request.
+    agent.obey(ToAgentMsg::Kill {
+        job: JobId(3),
+        attempt: 1,
+        reason: KillReason::Stop(StopReason::Cancel),
+    });
+    loop {
+        let event = agent.events.recv().await.expect("an event");
+        if let Some(FromAgent::Finished { job, outcome, .. }) = agent.absorb(event) {
+            assert_eq!((job, outcome), (JobId(3), Outcome::Killed));
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_fence_comes_the_runners_kill_grace_early() {
+    struct Slow;
+    impl Runner for Slow {
+        fn run(&self, order: RunOrder, control: RunControl) -> runner::RunFuture {
+            Counting::default().run(order, control)
+        }
+        fn kill_grace_ms(&self) -> u64 {
+            700
+        }
+    }
+    let mut agent = Agent::new(options(), Arc::new(Slow));
+    agent.fence_ms = Some(5_000);
+    agent.confirm(Millis(1_000));
+    assert_eq!(agent.fence_due(), Some(Millis(5_300)));
+    assert!(!agent.past_fence(Millis(5_299)));
+    assert!(agent.past_fence(Millis(5_300)));
+    // A grace period too short for the kill grace: the fence stays three
+    // ping intervals after the confirmation, where a healthy link keeps it.
+    agent.ping_interval_ms = 1_500;
+    assert_eq!(agent.fence_due(), Some(Millis(5_500)));
+    agent.ping_interval_ms = 2_000;
+    assert_eq!(agent.fence_due(), Some(Millis(6_000)), "nothing taken off");
 }
 
 #[tokio::test]
@@ -288,7 +341,7 @@ async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
 #[tokio::test]
 async fn a_failed_send_kills_the_runs_only_at_the_fence() {
     let (mut agent, _) = new_agent();
-    agent.obey(run(1));
+    agent.obey(run_of(1, 1, 2));
     let key = (JobId(1), 1);
     for why in [SendFailed::Closed, SendFailed::Stalled] {
         let _ = agent.send_failed(why);

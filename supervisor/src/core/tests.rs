@@ -814,6 +814,117 @@ fn a_process_that_ran_to_its_end_counts_though_its_start_was_acknowledged_too_la
 }
 
 #[test]
+fn an_attempt_its_agent_killed_at_the_fence_is_run_again_or_lost_never_failed() {
+    // The supervisor was away (an outage, a cut link) past the agent's
+    // fence: the agent killed what the supervisor might run elsewhere.
+    let mut h = harness();
+    h.connect("a1", 2);
+    let retry = h.submit("ana", "basic", retried(2, &["x"]));
+    h.started("a1", retry, 1);
+    h.finished("a1", retry, 1, Outcome::Fenced);
+    assert_eq!(h.state(retry), JobState::Dispatched, "run again at once");
+    assert_eq!(h.placed(retry), ("a1".to_string(), 2));
+    let reason = &h
+        .state_record(retry)
+        .history
+        .iter()
+        .rev()
+        .nth(1)
+        .unwrap()
+        .reason;
+    assert!(
+        reason.starts_with("requeued: agent a1 lost contact with the supervisor"),
+        "{reason}"
+    );
+    // Its last attempt fenced too (an agent of another version may fence
+    // it): lost, naming the agent and the lost contact.
+    h.started("a1", retry, 2);
+    h.finished("a1", retry, 2, Outcome::Fenced);
+    assert_eq!(h.state(retry), JobState::Lost);
+    let reason = h.state_record(retry).reason.clone();
+    assert!(reason.contains("agent a1 lost contact"), "{reason}");
+    assert!(!reason.contains("on request"), "{reason}");
+    // Fenced while being canceled: canceled, as asked.
+    let canceled = h.submit("ana", "basic", retried(2, &["y"]));
+    h.started("a1", canceled, 1);
+    h.cancel(canceled);
+    h.finished("a1", canceled, 1, Outcome::Fenced);
+    assert_eq!(h.state(canceled), JobState::Canceled);
+}
+
+#[test]
+fn a_killed_attempt_the_core_does_not_own_keeps_its_cpus_until_it_is_dead() {
+    // The agent comes back with attempt 1 of a job the core gave up; the
+    // kill takes the process a while, and the next job must not start on
+    // the CPUs it still uses.
+    let mut h = harness();
+    h.connect("a1", 2);
+    let old = h.submit("ana", "premium", parallel(2));
+    h.started("a1", old, 1);
+    h.gone("a1", GoneReason::PingTimeout);
+    h.advance(60_000);
+    assert_eq!(h.state(old), JobState::Lost);
+    let next = h.submit("bob", "premium", parallel(2));
+    let effects = h.connect_with(
+        "a1",
+        2,
+        vec![AttemptReport {
+            job: old,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    assert_eq!(
+        kills(&effects),
+        vec![("a1".to_string(), old, 1, KillReason::NotOwned)]
+    );
+    assert!(
+        runs(&effects).is_empty(),
+        "dispatched onto a dying process's CPUs"
+    );
+    assert_eq!(h.state(next), JobState::Queued);
+    assert_eq!(h.core.agent(&AgentId::new("a1")).unwrap().used_cpus, 2);
+    // Reported twice (a started again): still one hold.
+    h.started("a1", old, 1);
+    assert_eq!(h.core.agent(&AgentId::new("a1")).unwrap().used_cpus, 2);
+    // Dead: its CPUs go to the next job in the same step.
+    let effects = h.finished("a1", old, 1, Outcome::Killed);
+    assert_eq!(acks(&effects), vec![(old, 1)]);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), next, 1)]);
+    assert_eq!(
+        h.state(old),
+        JobState::Lost,
+        "a stale report changes nothing"
+    );
+    // A new connection says afresh what runs: a hold of the old one is
+    // dropped, and one the hello repeats is held again.
+    let effects = h.connect_with(
+        "a1",
+        2,
+        vec![
+            AttemptReport {
+                job: next,
+                attempt: 1,
+                finished: None,
+            },
+            AttemptReport {
+                job: JobId(999),
+                attempt: 1,
+                finished: None,
+            },
+        ],
+    );
+    assert_eq!(
+        kills(&effects),
+        vec![("a1".to_string(), JobId(999), 1, KillReason::NotOwned)]
+    );
+    // An unknown job's size is unknown: the whole agent waits.
+    assert_eq!(h.core.agent(&AgentId::new("a1")).unwrap().used_cpus, 4);
+    h.gone("a1", GoneReason::Closed);
+    assert_eq!(h.core.agent(&AgentId::new("a1")).unwrap().used_cpus, 2);
+}
+
+#[test]
 fn a_requeued_job_waits_its_queue_timeout_again_from_the_requeue() {
     let mut h = harness();
     h.connect("mute", 1);
@@ -1534,7 +1645,7 @@ fn identical_inputs_give_identical_effects() {
 fn the_invariant_check_catches_a_core_out_of_step() {
     // Each corruption, made through the hooks restore uses, must be named.
     type Corruption = (&'static str, fn(&mut Core));
-    let corruptions: [Corruption; 3] = [
+    let corruptions: [Corruption; 4] = [
         ("agent ghost used cpus", |core| {
             core.insert_agent(Agent {
                 id: AgentId::new("ghost"),
@@ -1546,7 +1657,26 @@ fn the_invariant_check_catches_a_core_out_of_step() {
                 labels: BTreeMap::new(),
                 used_cpus: 1,
                 jobs: Default::default(),
+                dying: BTreeMap::new(),
             })
+        }),
+        ("agent away is away and holds dying processes", |core| {
+            core.insert_agent(Agent {
+                id: AgentId::new("away"),
+                link: Link::Disconnected {
+                    since: Millis(0),
+                    reason: GoneReason::Closed,
+                },
+                cpus: 2,
+                labels: BTreeMap::new(),
+                used_cpus: 1,
+                jobs: Default::default(),
+                dying: BTreeMap::from([((JobId(99), 1), 1)]),
+            });
+            core.arm(
+                timers::TimerKey::Agent(AgentId::new("away")),
+                Some(Millis(0).plus_ms(core.config().agent_grace_ms)),
+            )
         }),
         ("connected agent a1 has a grace timer", |core| {
             core.arm(timers::TimerKey::Agent(AgentId::new("a1")), Some(Millis(1)))
