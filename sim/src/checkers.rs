@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use foreman::core::{EventKind, JobState};
 
+mod links;
 mod outcome;
 
 use crate::scenario::Scenario;
@@ -716,6 +717,9 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
         }),
         Box::new(Liveness { settled: None }),
         Box::new(outcome::Outcome::new(scenario, max_latency_ms(scenario))),
+        Box::new(links::ResultKept::new()),
+        Box::new(links::CutNoticed::new(scenario, max_latency_ms(scenario))),
+        Box::new(links::NoFlap::new(scenario, max_latency_ms(scenario))),
         Box::new(Expectations {
             scenario,
             reached: crate::rare::reached(trace),
@@ -736,3 +740,6 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests;

@@ -182,7 +182,8 @@ impl Trace {
         self.changed.notify_waiters();
     }
 
-    /// Waits until something is added, or until `deadline_ms` passes.
+    /// Waits until something is added or the core's view changes, or until
+    /// `deadline_ms` passes.
     /// (The simulation is single-threaded: nothing is added between a
     /// caller's check and this wait.)
     pub async fn changed(&self, deadline_ms: u64) {
@@ -258,7 +259,15 @@ impl foreman::server::executor::Observer for Trace {
             cpus_used: core.agents().map(|a| a.used_cpus).sum(),
             live_jobs: core.jobs().filter(|j| !j.state.is_terminal()).count(),
         };
-        self.inner.lock().expect("trace lock").core = Some(view);
+        let changed = {
+            let mut inner = self.inner.lock().expect("trace lock");
+            let changed = inner.core.as_ref() != Some(&view);
+            inner.core = Some(view);
+            changed
+        };
+        if changed {
+            self.changed.notify_waiters();
+        }
     }
 
     fn event(&self, event: &Event) {

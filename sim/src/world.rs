@@ -715,7 +715,9 @@ async fn settle(world: &World, scenario: &Scenario, trace: &Trace, ids: &Ids, do
             });
             return;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Nothing changes what settling looks at but the trace and the
+        // core (the fault plan is over): wait for either.
+        trace.changed(deadline).await;
     }
 }
 

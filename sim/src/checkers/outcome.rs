@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use foreman::core::{EventKind, JobState};
 
+use super::links::Links;
 use super::{violation, Checker, Violation};
 use crate::scenario::{Action, JobPlan, Scenario};
 use crate::trace::{Entry, Ev};
@@ -52,9 +53,8 @@ pub(super) struct Outcome<'a> {
     agents_of: BTreeMap<u64, BTreeSet<String>>,
     /// Jobs dispatched and not yet ended.
     live: BTreeSet<u64>,
-    /// Agents cut off (killed, frozen, partitioned, pongs dropped), by the
-    /// fault that cut them, not yet undone.
-    cut: BTreeSet<(String, Action)>,
+    /// What the faults have done to each agent's link and host.
+    links: Links,
     /// Since when the network has been slow enough to cost connections.
     slow_since: Option<u64>,
     /// A slow spell's effects outlast it: a connection made during it is
@@ -85,7 +85,7 @@ impl<'a> Outcome<'a> {
             run_slack_ms: 4 * max_latency_ms + topology.ping_interval_ms,
             agents_of: BTreeMap::new(),
             live: BTreeSet::new(),
-            cut: BTreeSet::new(),
+            links: Links::default(),
             slow_since: None,
             slow_after: None,
             touched: BTreeMap::new(),
@@ -266,26 +266,6 @@ fn describe(plan: &JobPlan) -> String {
     s
 }
 
-/// What a fault plan action does to an agent's link: the cuts it makes,
-/// and the cuts it undoes.
-fn cuts(action: Action) -> Option<(&'static [Action], &'static [Action])> {
-    match action {
-        Action::KillAgent => Some((&[Action::KillAgent], &[])),
-        Action::PauseAgent => Some((&[Action::PauseAgent], &[])),
-        Action::Partition => Some((&[Action::Partition], &[])),
-        Action::DropPings => Some((&[Action::DropPings], &[])),
-        Action::ResumeAgent => Some((&[], &[Action::PauseAgent])),
-        Action::Heal => Some((&[], &[Action::Partition])),
-        Action::RestorePings => Some((&[], &[Action::DropPings])),
-        // A crash and a fresh start: it is neither dead nor frozen after,
-        // though its links stay as they were.
-        Action::RestartAgent | Action::RebootAgent => {
-            Some((&[], &[Action::KillAgent, Action::PauseAgent]))
-        }
-        _ => None,
-    }
-}
-
 impl Checker for Outcome<'_> {
     fn name(&self) -> &'static str {
         "outcome"
@@ -304,7 +284,7 @@ impl Checker for Outcome<'_> {
                     .or_default()
                     .insert(agent.clone());
                 self.live.insert(*job);
-                if self.cut.iter().any(|(a, _)| a == agent) {
+                if self.links.cut(agent) {
                     self.touched.entry(*job).or_default().push(format!(
                         "dispatched to {agent} at {} ms while it was cut off",
                         e.at
@@ -342,16 +322,9 @@ impl Checker for Outcome<'_> {
                 latency_ms,
                 ..
             } => {
-                if let Some((make, undo)) = cuts(*action) {
-                    for agent in agents {
-                        self.touch(Some(agent), format!("{action:?} {agent} at {} ms", e.at));
-                        for cut in make {
-                            self.cut.insert((agent.clone(), *cut));
-                        }
-                        for cut in undo {
-                            self.cut.remove(&(agent.clone(), *cut));
-                        }
-                    }
+                for agent in agents {
+                    self.touch(Some(agent), format!("{action:?} {agent} at {} ms", e.at));
+                    self.links.apply(*action, agent);
                 }
                 if *action == Action::Latency {
                     let slow = latency_ms.is_some_and(|[_, hi]| self.costs_connections(hi));
