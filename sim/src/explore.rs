@@ -194,6 +194,7 @@ async fn supervisor(trace: &Trace) -> (madsim::runtime::NodeHandle, Running) {
         journal_segment_bytes_max: 0,
         journal_segments_max: 0,
         observer: Some(Arc::new(trace.clone())),
+        commit_delay_ms: 0,
     };
     let node = Handle::current()
         .create_node()

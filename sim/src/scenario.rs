@@ -38,6 +38,10 @@ pub struct Topology {
     /// The longest an agent waits between two connection attempts (the
     /// shipped agent waits at most 10 s).
     pub reconnect_max_ms: u64,
+    /// How long each of the supervisor's commits takes (a disk's fsync):
+    /// a supervisor crash can land before it is durable or after, before
+    /// anything of its batch is sent.
+    pub commit_ms: u64,
     /// Overrides of the supervisor's core settings (any `CoreConfig` field).
     pub core: toml::Table,
 }
@@ -52,6 +56,7 @@ impl Default for Topology {
             latency_ms: [1, 5],
             loss: 0.0,
             reconnect_max_ms: 2_000,
+            commit_ms: 0,
             core: toml::Table::new(),
         }
     }
@@ -375,6 +380,13 @@ impl Scenario {
                 "the ping interval must be positive and shorter than the ping timeout".into(),
             ));
         }
+        if topology.commit_ms > 10_000 {
+            return Err(at(
+                topo_span.clone(),
+                "topology.commit_ms",
+                format!("{} ms; at most 10 s", topology.commit_ms),
+            ));
+        }
         if !(100..=600_000).contains(&topology.reconnect_max_ms) {
             return Err(at(
                 topo_span.clone(),
@@ -392,22 +404,19 @@ impl Scenario {
             .map(|j| j.get_ref().stop_ms)
             .max()
             .unwrap_or(0);
-        // Three ping intervals, and room for the slowest death beyond the
-        // agent's three-interval floor (PROTOCOL.md, Fencing).
-        let grace_min = if stop_ms_max == 0 {
-            topology.ping_interval_ms.saturating_mul(3)
-        } else {
-            topology
-                .ping_interval_ms
-                .saturating_mul(4)
-                .saturating_add(stop_ms_max)
-        };
+        // Four ping intervals (as the supervisor requires), and room for
+        // the slowest death beyond the agent's three-interval floor
+        // (PROTOCOL.md, Fencing).
+        let grace_min = topology
+            .ping_interval_ms
+            .saturating_mul(4)
+            .saturating_add(stop_ms_max);
         if core.agent_grace_ms < grace_min {
             return Err(at(
                 find_line(text, "[topology.core]").or(topo_span.clone()),
                 "topology.core.agent_grace_ms",
                 format!(
-                    "{} ms; at least three ping intervals, four and the slowest death with stop_ms ({grace_min} ms)",
+                    "{} ms; at least four ping intervals and the slowest death ({grace_min} ms)",
                     core.agent_grace_ms,
                 ),
             ));

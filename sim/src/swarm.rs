@@ -177,9 +177,10 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         latency_ms: [1, 5],
         loss: 0.0,
         reconnect_max_ms: 2_000,
+        commit_ms: 0,
         core: toml::Table::from_iter([(
             "agent_grace_ms".to_string(),
-            toml::Value::Integer(rng.random_range(1_500..10_000)),
+            toml::Value::Integer(rng.random_range(2_000..10_000)),
         )]),
     };
     // Drawn last, so that every other knob of a seed is what it was before
@@ -267,6 +268,12 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
             faults.remove(i);
         }
     }
+    // Commits that take a disk's time (fsyncs of 1 to 50 ms): crashes land
+    // before a batch is durable and after, before its replies leave.
+    let slow_disk = rng.random_bool(0.4);
+    if slow_disk {
+        topology.commit_ms = [1, 3, 10, 50][rng.random_range(0..4)];
+    }
     // Processes that take time to die once killed, and that print.
     let slow_deaths = rng.random_bool(0.5);
     let printing = rng.random_bool(0.5);
@@ -290,13 +297,14 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         }
     }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],
         topology.loss,
         if shipped { "shipped" } else { "short" },
         if outages { "long" } else { "short" },
+        topology.commit_ms,
     );
     // Everything must settle within two minutes of the plan's end plus the
     // time the work would take run one job at a time (plan caps can

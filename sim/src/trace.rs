@@ -147,7 +147,10 @@ pub struct CoreView {
 #[derive(Debug, Default)]
 struct Inner {
     entries: Vec<Entry>,
+    /// The core as of its latest committed batch.
     core: Option<CoreView>,
+    /// The core as last handled, its batch not yet committed.
+    pending: Option<CoreView>,
 }
 
 /// A run's trace, shared by every node of the world (they all run on the
@@ -195,14 +198,17 @@ impl Trace {
         self.inner.lock().expect("trace lock").entries.clone()
     }
 
-    /// The core after its latest step; none since the supervisor went down.
+    /// The core after its latest committed step; none since the supervisor
+    /// went down.
     pub fn core_view(&self) -> Option<CoreView> {
         self.inner.lock().expect("trace lock").core.clone()
     }
 
     /// The supervisor went down: what its core showed is no longer true.
     pub fn forget_core(&self) {
-        self.inner.lock().expect("trace lock").core = None;
+        let mut inner = self.inner.lock().expect("trace lock");
+        inner.core = None;
+        inner.pending = None;
     }
 
     /// The simulated processes started and not yet ended: (job, attempt, agent).
@@ -259,10 +265,17 @@ impl foreman::server::executor::Observer for Trace {
             cpus_used: core.agents().map(|a| a.used_cpus).sum(),
             live_jobs: core.jobs().filter(|j| !j.state.is_terminal()).count(),
         };
+        self.inner.lock().expect("trace lock").pending = Some(view);
+    }
+
+    fn committed(&self) {
         let changed = {
             let mut inner = self.inner.lock().expect("trace lock");
-            let changed = inner.core.as_ref() != Some(&view);
-            inner.core = Some(view);
+            let pending = inner.pending.take();
+            let changed = pending.is_some() && inner.core != pending;
+            if pending.is_some() {
+                inner.core = pending;
+            }
             changed
         };
         if changed {

@@ -132,6 +132,7 @@ impl World {
             journal_segment_bytes_max: 0,
             journal_segments_max: 0,
             observer: Some(Arc::new(trace.clone())),
+            commit_delay_ms: topology.commit_ms,
         };
         let supervisor = handle
             .create_node()

@@ -404,6 +404,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             * 1024,
         journal_segments_max: args.journal_segments.or(file.journal_segments).unwrap_or(8),
         observer: None,
+        commit_delay_ms: 0,
     };
     let running = server::start(options).await.map_err(|e| e.to_string())?;
     let server_file = ServerFile {

@@ -38,6 +38,10 @@ pub struct ServerOptions {
     pub journal_segments_max: usize,
     /// A tap on the core (the simulator's trace and checks); none in production.
     pub observer: Option<Arc<dyn executor::Observer>>,
+    /// Extra time every commit takes, half before it is durable and half
+    /// after (a slow disk's fsync): for the simulator, whose commits are
+    /// otherwise instant, and for benchmarks. 0 in production.
+    pub commit_delay_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +136,7 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         hub: hub.clone(),
         journal,
         observer: options.observer.clone(),
+        commit_delay_ms: options.commit_delay_ms,
     };
     let (core_handle, actor) = actor::spawn(core, executor, 4096);
     let api_listener = TcpListener::bind(options.api_addr)

@@ -50,6 +50,7 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         journal_segment_bytes_max: 0,
         journal_segments_max: 0,
         observer: None,
+        commit_delay_ms: 0,
     })
     .await
     .unwrap();

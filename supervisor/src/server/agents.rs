@@ -36,21 +36,24 @@ pub struct AgentEndpoint {
 /// jobs up `agent_grace_ms` after it loses the agent: after a ping timeout
 /// (later still) or a restart of its own (which comes after the pong too).
 /// A ping interval of margin covers the kill and the new attempt's dispatch.
-/// A pong is confirmed about a ping interval after it leaves, so the fence
-/// needs at least two intervals to stay quiet on a healthy link:
-/// `check_fence` refuses settings that leave it less.
+/// A pong is confirmed up to two ping intervals (and a round trip) after it
+/// leaves, so the fence needs three intervals to stay quiet on a healthy
+/// link: `check_fence` refuses settings that leave it less.
 pub fn fence_ms(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> u64 {
     agent_grace_ms.saturating_sub(endpoint.ping_interval_ms)
 }
 
-/// `agent_grace_ms` must be at least three ping intervals (see `fence_ms`).
+/// `agent_grace_ms` must be at least four ping intervals (see `fence_ms`):
+/// a pong is confirmed up to two intervals and a round trip after it left,
+/// so a fence of three intervals stays quiet on a healthy link. (Three,
+/// the old bound, left a fence of two: a healthy idle link flapped.)
 pub fn check_fence(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> Result<(), String> {
-    if agent_grace_ms < endpoint.ping_interval_ms.saturating_mul(3) {
+    if agent_grace_ms < endpoint.ping_interval_ms.saturating_mul(4) {
         return Err(format!(
-            "agent_grace_ms ({agent_grace_ms}) must be at least three ping intervals ({} ms): \
+            "agent_grace_ms ({agent_grace_ms}) must be at least four ping intervals ({} ms): \
              an agent out of touch kills its jobs a ping interval before the grace ends, \
-             and a healthy link confirms a pong only every interval or so",
-            endpoint.ping_interval_ms.saturating_mul(3)
+             and a healthy link confirms a pong up to two intervals after it left",
+            endpoint.ping_interval_ms.saturating_mul(4)
         ));
     }
     Ok(())
@@ -291,4 +294,27 @@ pub async fn connection(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grace_period_under_four_ping_intervals_is_refused_for_a_flapping_fence() {
+        let endpoint = AgentEndpoint {
+            token_sha256: Arc::from(""),
+            ping_interval_ms: 500,
+            ping_timeout_ms: 2_000,
+            hello_timeout_ms: 5_000,
+        };
+        let refused = check_fence(1_999, &endpoint).expect_err("a fence of 1,499 ms");
+        assert!(
+            refused.contains("at least four ping intervals (2000 ms)"),
+            "{refused}"
+        );
+        assert_eq!(check_fence(2_000, &endpoint), Ok(()));
+        assert_eq!(fence_ms(2_000, &endpoint), 1_500, "three intervals");
+        assert_eq!(check_fence(60_000, &endpoint), Ok(()));
+    }
 }

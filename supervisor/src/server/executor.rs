@@ -4,6 +4,7 @@
 //! only once its job is durable.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{error, info};
 
@@ -19,6 +20,8 @@ pub struct ServerExecutor {
     pub hub: Arc<Hub>,
     pub journal: Option<Journal>,
     pub observer: Option<Arc<dyn Observer>>,
+    /// Extra time each commit takes (see `ServerOptions::commit_delay_ms`).
+    pub commit_delay_ms: u64,
 }
 
 /// A passive tap on the core, for the simulator: it sees the core after
@@ -29,6 +32,8 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     fn handled(&self, core: &Core);
     /// An event of a committed batch, in order.
     fn event(&self, event: &Event);
+    /// A batch is committed and sent: the core as last handled is durable.
+    fn committed(&self) {}
 }
 
 impl Executor for ServerExecutor {
@@ -55,11 +60,21 @@ impl Executor for ServerExecutor {
                 _ => None,
             })
             .collect();
+        // A slow commit: a crash in the first half loses the batch (it was
+        // never durable), one in the second keeps it with nothing sent.
+        let before_ms = self.commit_delay_ms / 2;
+        if !records.is_empty() && before_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(before_ms)).await;
+        }
         if let Err(e) = self.store.commit(&records) {
             // Nothing of this batch has been acknowledged. Stopping here keeps
             // that true; a restart restores from the last commit.
             error!(error = %e, "store commit failed; stopping the supervisor");
             panic!("store commit failed: {e}");
+        }
+        let after_ms = self.commit_delay_ms - before_ms;
+        if !records.is_empty() && after_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(after_ms)).await;
         }
         for record in &records {
             self.hub.published(record);
@@ -88,6 +103,9 @@ impl Executor for ServerExecutor {
                     }
                 }
             }
+        }
+        if let Some(observer) = &self.observer {
+            observer.committed();
         }
     }
 }
