@@ -62,6 +62,9 @@ enum Command {
         /// Runs every Nth seed twice and fails on any difference (0: never).
         #[arg(long, default_value_t = 50)]
         recheck: u64,
+        /// Stops at the first failing seed (and says how long it took).
+        #[arg(long)]
+        first_failure: bool,
     },
     /// Cancellation-point exploration: drops each path's future at its 1st,
     /// 2nd, … poll and checks nothing leaked.
@@ -124,6 +127,7 @@ pub fn main() -> i32 {
             seed,
             quiet,
             recheck,
+            first_failure,
         } => {
             if let Some(seed) = seed {
                 return fuzz_one(seed, &out);
@@ -145,6 +149,7 @@ pub fn main() -> i32 {
                     time,
                     jobs: jobs.max(1),
                     recheck,
+                    first_failure,
                 },
                 &out,
                 quiet,
@@ -317,6 +322,7 @@ struct Campaign {
     time: Option<Duration>,
     jobs: usize,
     recheck: u64,
+    first_failure: bool,
 }
 
 fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
@@ -326,6 +332,7 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
         time,
         jobs,
         recheck,
+        first_failure,
     } = campaign;
     let total = seeds.unwrap_or(if time.is_some() { u64::MAX } else { 1_000 });
     let next = Arc::new(AtomicU64::new(0));
@@ -411,6 +418,15 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                         .lock()
                         .expect("failures")
                         .push((seed, verdict, replay));
+                    if first_failure {
+                        stop.store(true, Ordering::Relaxed);
+                        #[allow(clippy::disallowed_methods)] // the campaign's wall clock
+                        let secs = began.elapsed().as_secs_f64();
+                        bar.println(format!(
+                            "first failure: seed {seed}, after {} seeds in {secs:.2} s",
+                            done.load(Ordering::Relaxed) + 1
+                        ));
+                    }
                 }
                 let count = done.fetch_add(1, Ordering::Relaxed) + 1;
                 bar.inc(1);

@@ -19,10 +19,11 @@
 //! - `failed` only where the program itself failed: a kill nobody asked for
 //!   ("killed on request" with no cancel and no timeout) is never a failure
 //!   of the job;
-//! - `lost` only where an attempt's agent (or the supervisor) was cut off,
-//!   killed, frozen or restarted while the job was live, only once no
-//!   attempt is left (an attempt lost while others remain is run again), and
-//!   its reason names the agent;
+//! - `lost` only where an attempt's agent was cut off, killed, frozen or
+//!   restarted while the job was live (a supervisor outage alone is
+//!   survived, where the grace period leaves the agents time to come back),
+//!   only once no attempt is left (an attempt lost while others remain is
+//!   run again), and its reason names the agent;
 //! - `timed_out` besides the program's own also where a fault delayed its
 //!   run and it had a run limit;
 //! - a job nothing touched ends exactly as its program says, in one attempt;
@@ -62,6 +63,12 @@ pub(super) struct Outcome<'a> {
     slow_after: Option<(u64, u64)>,
     /// What touched each job, in words.
     touched: BTreeMap<u64, Vec<String>>,
+    /// Jobs touched by more than supervisor outages: a link or host fault.
+    cut_off: BTreeSet<u64>,
+    /// Whether a supervisor outage alone can never cost a running job: its
+    /// agent is back (within its longest reconnect wait) well inside the
+    /// grace period the restarted supervisor gives it.
+    outages_survivable: bool,
     canceled: BTreeMap<u64, u64>,
     settled: bool,
 }
@@ -89,6 +96,9 @@ impl<'a> Outcome<'a> {
             slow_since: None,
             slow_after: None,
             touched: BTreeMap::new(),
+            cut_off: BTreeSet::new(),
+            outages_survivable: scenario.core.agent_grace_ms
+                > topology.reconnect_max_ms + 2 * topology.ping_timeout_ms + 4 * max_latency_ms,
             canceled: BTreeMap::new(),
             settled: false,
         }
@@ -109,6 +119,11 @@ impl<'a> Outcome<'a> {
     /// Notes `what` on every live job that has had an attempt on `agent`
     /// (on every live job, for `None`).
     fn touch(&mut self, agent: Option<&str>, what: String) {
+        self.touch_by(agent, what, false);
+    }
+
+    /// `touch`, by a supervisor outage (`outage`) or by anything else.
+    fn touch_by(&mut self, agent: Option<&str>, what: String, outage: bool) {
         for job in &self.live {
             let hit = match agent {
                 None => true,
@@ -119,6 +134,9 @@ impl<'a> Outcome<'a> {
             };
             if hit {
                 self.touched.entry(*job).or_default().push(what.clone());
+                if !outage {
+                    self.cut_off.insert(*job);
+                }
             }
         }
     }
@@ -157,11 +175,14 @@ impl<'a> Outcome<'a> {
         if cancel.is_some() {
             allowed.insert(JobState::Canceled);
         }
-        if disturbed {
+        // An outage alone is survived: the job's last attempt runs on, one
+        // the agent fenced is run again.
+        let cut_off = self.cut_off.contains(&job) || !self.outages_survivable;
+        if disturbed && cut_off {
             allowed.insert(JobState::Lost);
-            if limit_ms.is_some() {
-                allowed.insert(JobState::TimedOut);
-            }
+        }
+        if disturbed && limit_ms.is_some() {
+            allowed.insert(JobState::TimedOut);
         }
         let mut wrong = Vec::new();
         if !allowed.contains(&fin.state) {
@@ -219,6 +240,11 @@ impl<'a> Outcome<'a> {
             ));
         }
         facts.extend(touched.iter().cloned());
+        if disturbed && !cut_off {
+            facts.push(
+                "only supervisor outages touched it, and a running job survives those".into(),
+            );
+        }
         if !disturbed {
             facts.push("no fault touched it".to_string());
         }
@@ -284,6 +310,7 @@ impl Checker for Outcome<'_> {
                     .or_default()
                     .insert(agent.clone());
                 self.live.insert(*job);
+                let touched_before = self.touched.get(job).map_or(0, Vec::len);
                 if self.links.cut(agent) {
                     self.touched.entry(*job).or_default().push(format!(
                         "dispatched to {agent} at {} ms while it was cut off",
@@ -301,6 +328,9 @@ impl Checker for Outcome<'_> {
                         "dispatched at {} ms, soon after a slow network ({from} ms to {to} ms)",
                         e.at
                     ));
+                }
+                if self.touched.get(job).map_or(0, Vec::len) > touched_before {
+                    self.cut_off.insert(*job);
                 }
             }
             Ev::ProcessStarted { job, agent, .. } => {
@@ -340,7 +370,7 @@ impl Checker for Outcome<'_> {
                 }
             }
             Ev::SupervisorDown => {
-                self.touch(None, format!("supervisor down at {} ms", e.at));
+                self.touch_by(None, format!("supervisor down at {} ms", e.at), true);
             }
             Ev::CancelIssued { job, .. } => {
                 self.canceled.entry(*job).or_insert(e.at);

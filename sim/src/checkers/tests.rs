@@ -286,6 +286,37 @@ fn outcome_lost_only_to_a_fault_that_touched_it_and_only_with_no_attempt_left() 
 }
 
 #[test]
+fn outcome_a_supervisor_outage_alone_never_loses_a_running_job() {
+    let s = scenario("duration_ms = 600000");
+    let mut trace = runs();
+    trace.push(at(5_000, Ev::SupervisorDown));
+    trace.push(connected(200_000, "agent-0"));
+    trace.push(core(
+        260_000,
+        EventKind::Ended,
+        Some(1),
+        Some("agent-0"),
+        "agent agent-0 lost: closed",
+    ));
+    trace.extend(finals(
+        300_000,
+        JobState::Lost,
+        1,
+        "agent agent-0 lost: closed",
+        None,
+    ));
+    let found = by("outcome", &check(&s, &trace));
+    assert!(found[0].contains("ended lost"), "{found:?}");
+    assert!(
+        found[0].contains("only supervisor outages touched it"),
+        "{found:?}"
+    );
+    // Its agent cut off meanwhile: lost is allowed.
+    trace.insert(7, fault(6_000, Action::Partition, "agent-0"));
+    assert_eq!(by("outcome", &check(&s, &trace)), Vec::<String>::new());
+}
+
+#[test]
 fn outcome_canceled_only_where_a_client_asked() {
     let s = scenario("duration_ms = 60000");
     let mut trace = runs();

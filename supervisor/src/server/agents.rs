@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::error::ProtocolError as WsProtocolError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{info, warn, Instrument};
@@ -247,7 +248,12 @@ pub async fn connection(
                             Some(Err(e)) => {
                                 info!(error = %e, "websocket error");
                                 break match e {
-                                    WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => GoneReason::Closed,
+                                    // A peer that went away without a close
+                                    // frame (a crash, a reset) closed it too.
+                                    WsError::Io(_)
+                                    | WsError::ConnectionClosed
+                                    | WsError::AlreadyClosed
+                                    | WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => GoneReason::Closed,
                                     _ => GoneReason::ProtocolError,
                                 };
                             }
