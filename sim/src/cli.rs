@@ -410,10 +410,17 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                         .or_else(|| result.crash.clone())
                         .or_else(|| result.violations.first().map(|v| v.to_string()))
                         .unwrap_or_default();
-                    bar.println(format!(
+                    let message = format!(
                         "{summary}\n  {}: {first}\n  replay: {replay}",
                         verdict.as_str()
-                    ));
+                    );
+                    // A hidden bar prints nothing: a run for its first
+                    // failure says it anyway.
+                    if first_failure {
+                        println!("{message}");
+                    } else {
+                        bar.println(message);
+                    }
                     failures
                         .lock()
                         .expect("failures")
@@ -422,10 +429,11 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                         stop.store(true, Ordering::Relaxed);
                         #[allow(clippy::disallowed_methods)] // the campaign's wall clock
                         let secs = began.elapsed().as_secs_f64();
-                        bar.println(format!(
+                        // Said even when quiet: it is what the run is for.
+                        println!(
                             "first failure: seed {seed}, after {} seeds in {secs:.2} s",
                             done.load(Ordering::Relaxed) + 1
-                        ));
+                        );
                     }
                 }
                 let count = done.fetch_add(1, Ordering::Relaxed) + 1;

@@ -98,6 +98,17 @@ pub struct JobPlan {
     /// between SIGTERM and its exit), at most the runner's kill grace.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stop_ms: u64,
+    /// Its client gives up on each submit request after this long and
+    /// hangs up (mid-request: the supervisor may have committed it); 0: 10 s.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub client_timeout_ms: u64,
+    /// Its client never retries a submission that got no answer.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_retry: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -157,6 +168,10 @@ pub enum Action {
     RestorePings,
     /// Every message takes `latency_ms` from now on.
     Latency,
+    /// The clients are cut off from the supervisor (both directions), and
+    /// back.
+    PartitionClients,
+    HealClients,
     CrashSupervisor,
     RestartSupervisor,
     Cancel,

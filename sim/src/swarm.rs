@@ -93,6 +93,8 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
                     1
                 },
                 stop_ms: 0,
+                client_timeout_ms: 0,
+                no_retry: false,
             }
         })
         .collect();
@@ -274,6 +276,33 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
     if slow_disk {
         topology.commit_ms = [1, 3, 10, 50][rng.random_range(0..4)];
     }
+    // Clients that hang up mid-request (their retry must find the job the
+    // first try made), that never retry, and that are cut off for a while.
+    let client_faults = rng.random_bool(0.3);
+    if client_faults {
+        for job in &mut jobs {
+            if rng.random_bool(0.3) {
+                job.client_timeout_ms = rng.random_range(1..=50);
+            }
+            job.no_retry = rng.random_bool(0.1);
+        }
+        for _ in 0..rng.random_range(1..=2) {
+            let at_ms = rng.random_range(0..PLAN_MS - 20_000);
+            for (action, at_ms) in [
+                (Action::PartitionClients, at_ms),
+                (Action::HealClients, at_ms + rng.random_range(100..20_000)),
+            ] {
+                faults.push(Fault {
+                    at_ms,
+                    action,
+                    agent: None,
+                    job: None,
+                    when: None,
+                    latency_ms: None,
+                });
+            }
+        }
+    }
     // Processes that take time to die once killed, and that print.
     let slow_deaths = rng.random_bool(0.5);
     let printing = rng.random_bool(0.5);
@@ -297,7 +326,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         }
     }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],

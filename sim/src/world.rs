@@ -53,6 +53,8 @@ pub fn madsim_config(scenario: &Scenario) -> madsim::Config {
 
 pub struct World {
     pub supervisor: NodeHandle,
+    /// The node the clients run on, once made.
+    control: Mutex<Option<madsim::task::NodeId>>,
     /// Each agent's current node, and the flag that retires its runner (a
     /// reboot moves an agent to a new node).
     pub agents: Mutex<Vec<(NodeHandle, Arc<AtomicBool>)>>,
@@ -195,6 +197,7 @@ impl World {
             agents: Mutex::new(agents),
             agent_makers,
             retired: Mutex::default(),
+            control: Mutex::default(),
             api: SocketAddr::new(ip(1), API_PORT).to_string(),
         }
     }
@@ -271,6 +274,7 @@ pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
     let trace = Trace::new();
     let world = Arc::new(World::build(&scenario, &trace, data_dir));
     let control = world.client_node(0);
+    *world.control.lock().expect("control") = Some(control.id());
     let driven = trace.clone();
     let result = control.spawn(drive(world.clone(), scenario, driven)).await;
     let nodes: Vec<_> = world.nodes().into_iter().chain([control.id()]).collect();
@@ -377,7 +381,10 @@ async fn drive(world: Arc<World>, scenario: Arc<Scenario>, trace: Trace) {
 /// Retries a submission (with the job's name as idempotency key, as a
 /// careful client would) until it is acknowledged, for at most a minute.
 async fn submit(world: &World, trace: &Trace, ids: &Ids, job: &JobPlan) {
-    let client = world.client(&job.user);
+    let mut client = world.client(&job.user);
+    if job.client_timeout_ms > 0 {
+        client.timeout = Duration::from_millis(job.client_timeout_ms);
+    }
     let mut env = process_env(
         job.stop_ms,
         job.duration_ms,
@@ -414,7 +421,7 @@ async fn submit(world: &World, trace: &Trace, ids: &Ids, job: &JobPlan) {
                     name: job.name.clone(),
                     error: e.to_string(),
                 });
-                if trace.now() >= deadline {
+                if trace.now() >= deadline || job.no_retry {
                     trace.push(Ev::SubmitAbandoned {
                         name: job.name.clone(),
                     });
@@ -634,6 +641,17 @@ fn apply(world: &World, trace: &Trace, down: &Mutex<Down>, fault: &Fault) {
             net.update_config(|c| {
                 c.send_latency = Duration::from_millis(lo)..Duration::from_millis(hi + 1);
             });
+        }
+        Action::PartitionClients | Action::HealClients => {
+            if let Some(control) = *world.control.lock().expect("control") {
+                if fault.action == Action::PartitionClients {
+                    net.clog_link(control, sup);
+                    net.clog_link(sup, control);
+                } else {
+                    net.unclog_link(control, sup);
+                    net.unclog_link(sup, control);
+                }
+            }
         }
         Action::CrashSupervisor => {
             handle.kill(sup);

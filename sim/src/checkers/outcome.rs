@@ -56,6 +56,9 @@ pub(super) struct Outcome<'a> {
     live: BTreeSet<u64>,
     /// What the faults have done to each agent's link and host.
     links: Links,
+    /// When a fault last touched each agent: its effects outlast it (the
+    /// agent's fence counts from its last confirmed pong, before the fault).
+    last_fault: BTreeMap<String, u64>,
     /// Since when the network has been slow enough to cost connections.
     slow_since: Option<u64>,
     /// A slow spell's effects outlast it: a connection made during it is
@@ -93,6 +96,7 @@ impl<'a> Outcome<'a> {
             agents_of: BTreeMap::new(),
             live: BTreeSet::new(),
             links: Links::default(),
+            last_fault: BTreeMap::new(),
             slow_since: None,
             slow_after: None,
             touched: BTreeMap::new(),
@@ -317,6 +321,16 @@ impl Checker for Outcome<'_> {
                         e.at
                     ));
                 }
+                if let Some(&last) = self
+                    .last_fault
+                    .get(agent)
+                    .filter(|t| e.at <= **t + self.fence_ms + self.ping_timeout_ms)
+                {
+                    self.touched.entry(*job).or_default().push(format!(
+                        "dispatched to {agent} at {} ms, soon after a fault on it at {last} ms",
+                        e.at
+                    ));
+                }
                 if let Some(since) = self.slow_since {
                     self.touched.entry(*job).or_default().push(format!(
                         "dispatched at {} ms on a network slow since {since} ms",
@@ -355,6 +369,7 @@ impl Checker for Outcome<'_> {
                 for agent in agents {
                     self.touch(Some(agent), format!("{action:?} {agent} at {} ms", e.at));
                     self.links.apply(*action, agent);
+                    self.last_fault.insert(agent.clone(), e.at);
                 }
                 if *action == Action::Latency {
                     let slow = latency_ms.is_some_and(|[_, hi]| self.costs_connections(hi));
