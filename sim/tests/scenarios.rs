@@ -8,11 +8,12 @@ use foreman_sim::play::{run, Verdict};
 use foreman_sim::scenario::Scenario;
 use foreman_sim::trace::{first_divergence, summary};
 
-const NAMED: [&str; 12] = [
+const NAMED: [&str; 13] = [
     "agent-loss",
     "agent-pause",
     "cancel-during-allocation",
     "cancel-races-completion",
+    "crash-during-commit",
     "duplicate-agent",
     "lossy-network",
     "reconnect-storm",
