@@ -471,6 +471,9 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
     failures.iter().fold(Verdict::Pass, |w, f| w.worst(f.1)) as i32
 }
 
+/// Swarm seeds the scenario report counts rare events over.
+const SWARM_REPORT_SEEDS: u64 = 1_000;
+
 fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
     let scenarios = match load_scenarios(&[dir.to_path_buf()]) {
         Ok(scenarios) => scenarios,
@@ -492,12 +495,16 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
             failures: Default::default(),
             sim_ms_mean: 0,
             wall_ms_mean: 0.0,
+            reached: Default::default(),
         };
         let (mut sim_ms, mut wall) = (0u64, 0.0f64);
         for seed in 1..=seeds {
             let result = run(scenario, seed);
             sim_ms += result.sim_ms;
             wall += result.wall.as_secs_f64() * 1000.0;
+            for name in foreman_sim::rare::reached(&result.trace).into_keys() {
+                *row.reached.entry(name).or_default() += 1;
+            }
             let verdict = result.verdict();
             worst = worst.worst(verdict);
             if verdict == Verdict::Pass {
@@ -527,9 +534,22 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
         println!("{}: {}/{} pass", row.name, row.passed, seeds);
         rows.push(row);
     }
+    // The swarm's reach, seed by seed as a fuzz campaign draws them.
+    let mut swarm = foreman_sim::report::SwarmReach {
+        seeds: SWARM_REPORT_SEEDS,
+        reached: Default::default(),
+    };
+    for seed in 1..=SWARM_REPORT_SEEDS {
+        let (scenario, _) = foreman_sim::swarm::scenario(seed);
+        let result = run(&scenario, seed);
+        worst = worst.worst(result.verdict());
+        for name in foreman_sim::rare::reached(&result.trace).into_keys() {
+            *swarm.reached.entry(name).or_default() += 1;
+        }
+    }
     let command = format!("cargo xtask sim report --seeds {seeds}");
     let path = out.join("scenarios.md");
-    if let Err(e) = std::fs::write(&path, foreman_sim::report::matrix(&rows, &command)) {
+    if let Err(e) = std::fs::write(&path, foreman_sim::report::matrix(&rows, &swarm, &command)) {
         eprintln!("{}: {e}", path.display());
         return USAGE;
     }

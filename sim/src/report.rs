@@ -17,9 +17,17 @@ pub struct Row {
     pub failures: BTreeMap<String, Vec<u64>>,
     pub sim_ms_mean: u64,
     pub wall_ms_mean: f64,
+    /// Rare events, with how many of its seeds reached each.
+    pub reached: BTreeMap<&'static str, u64>,
 }
 
-pub fn matrix(rows: &[Row], command: &str) -> String {
+/// How many of a swarm campaign's seeds reached each rare event.
+pub struct SwarmReach {
+    pub seeds: u64,
+    pub reached: BTreeMap<&'static str, u64>,
+}
+
+pub fn matrix(rows: &[Row], swarm: &SwarmReach, command: &str) -> String {
     let mut out = String::from("# Scenarios\n\n");
     let _ = writeln!(
         out,
@@ -28,8 +36,8 @@ pub fn matrix(rows: &[Row], command: &str) -> String {
          are in `reports/timelines/` (seed 1).\n"
     );
     out.push_str(
-        "| scenario | seeds | outcome | simulated time (mean) | wall time per run (mean) | timeline |\n\
-         |---|---|---|---|---|---|\n",
+        "| scenario | seeds | outcome | rare events reached (seeds) | simulated time (mean) | wall time per run (mean) | timeline |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let outcome = if row.failures.is_empty() {
@@ -42,16 +50,39 @@ pub fn matrix(rows: &[Row], command: &str) -> String {
                 .collect();
             format!("{} pass; {}", row.passed, failed.join("; "))
         };
+        let reached: Vec<String> = row
+            .reached
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {:.1} s | {:.1} ms | [svg](timelines/{}.svg) |",
+            "| `{}` | {} | {} | {} | {:.1} s | {:.1} ms | [svg](timelines/{}.svg) |",
             row.name,
             row.seeds,
             outcome,
+            reached.join(", "),
             row.sim_ms_mean as f64 / 1000.0,
             row.wall_ms_mean,
             row.name
         );
+    }
+    let _ = writeln!(
+        out,
+        "\n## Rare events in the swarm\n\nSwarm seeds 1 to {} (as `cargo xtask fuzz` draws them), and how many \
+         reached each rare event (`sim/src/rare.rs`). One never reached is flagged: \
+         no seed of the campaign tested it.\n\n| rare event | seeds | what it is |\n|---|---|---|",
+        swarm.seeds
+    );
+    for (name, meaning) in crate::rare::ALL {
+        match swarm.reached.get(name) {
+            Some(n) => {
+                let _ = writeln!(out, "| `{name}` | {n} | {meaning} |");
+            }
+            None => {
+                let _ = writeln!(out, "| `{name}` | **never** | {meaning} |");
+            }
+        }
     }
     out.push_str("\n## What each scenario does\n\n");
     for row in rows {
