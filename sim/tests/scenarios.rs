@@ -44,23 +44,30 @@ fn the_scenario_network_is_the_simulated_network() {
     );
 }
 
+/// What failed of `scenario` on seeds 1 to 5, one line per failing seed.
+fn failures_on_seeds_1_to_5(scenario: &Scenario) -> Vec<String> {
+    (1..=5)
+        .map(|seed| run(scenario, seed))
+        .filter(|result| result.verdict() != Verdict::Pass)
+        .map(|result| {
+            format!(
+                "{} seed {}: {} {:?} {:?}",
+                scenario.name,
+                result.seed,
+                result.verdict().as_str(),
+                result.crash,
+                result.violations
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn every_named_scenario_passes_on_fixed_seeds() {
-    let mut failures = Vec::new();
-    for name in NAMED {
-        let scenario = load(name);
-        for seed in 1..=5 {
-            let result = run(&scenario, seed);
-            if result.verdict() != Verdict::Pass {
-                failures.push(format!(
-                    "{name} seed {seed}: {} {:?} {:?}",
-                    result.verdict().as_str(),
-                    result.crash,
-                    result.violations
-                ));
-            }
-        }
-    }
+    let failures: Vec<String> = NAMED
+        .iter()
+        .flat_map(|name| failures_on_seeds_1_to_5(&load(name)))
+        .collect();
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
@@ -77,22 +84,12 @@ fn every_regression_scenario_passes_on_fixed_seeds() {
         .collect();
     files.sort();
     assert!(files.len() >= 3, "the regressions are gone: {files:?}");
-    let mut failures = Vec::new();
-    for file in files {
-        let scenario = Scenario::load(&file).unwrap_or_else(|e| panic!("{e}"));
-        for seed in 1..=5 {
-            let result = run(&scenario, seed);
-            if result.verdict() != Verdict::Pass {
-                failures.push(format!(
-                    "{} seed {seed}: {} {:?} {:?}",
-                    scenario.name,
-                    result.verdict().as_str(),
-                    result.crash,
-                    result.violations
-                ));
-            }
-        }
-    }
+    let failures: Vec<String> = files
+        .iter()
+        .flat_map(|file| {
+            failures_on_seeds_1_to_5(&Scenario::load(file).unwrap_or_else(|e| panic!("{e}")))
+        })
+        .collect();
     assert!(failures.is_empty(), "{failures:#?}");
 }
 

@@ -118,6 +118,16 @@ fn ended(t: u64, end: ProcessEnd) -> Entry {
     )
 }
 
+/// Job 1's process ends at 1,101 ms as `end` says; the core hears of it and
+/// ends the job with `reason`.
+fn process_over(end: ProcessEnd, reason: &str) -> Vec<Entry> {
+    vec![
+        ended(1101, end),
+        core(1102, EventKind::Finished, Some(1), Some("agent-0"), "over"),
+        core(1102, EventKind::Ended, Some(1), Some("agent-0"), reason),
+    ]
+}
+
 /// The run settles and job 1 is listed as it ended.
 fn finals(
     t: u64,
@@ -161,21 +171,7 @@ fn by(checker: &str, violations: &[Violation]) -> Vec<String> {
 fn outcome_a_job_whose_program_succeeded_killed_with_nobody_asking_fails_the_run() {
     let s = scenario("max_attempts = 2");
     let mut trace = runs();
-    trace.push(ended(1101, ProcessEnd::Killed));
-    trace.push(core(
-        1102,
-        EventKind::Finished,
-        Some(1),
-        Some("agent-0"),
-        "over",
-    ));
-    trace.push(core(
-        1102,
-        EventKind::Ended,
-        Some(1),
-        Some("agent-0"),
-        "killed on request",
-    ));
+    trace.extend(process_over(ProcessEnd::Killed, "killed on request"));
     trace.extend(finals(2000, JobState::Failed, 1, "killed on request", None));
     let found = by("outcome", &check(&s, &trace));
     assert_eq!(found.len(), 1, "{found:?}");
@@ -192,21 +188,7 @@ fn outcome_a_job_whose_program_succeeded_killed_with_nobody_asking_fails_the_run
 fn outcome_an_undisturbed_job_ends_as_its_program_says_in_one_attempt() {
     let s = scenario("");
     let mut trace = runs();
-    trace.push(ended(1101, ProcessEnd::Exited));
-    trace.push(core(
-        1102,
-        EventKind::Finished,
-        Some(1),
-        Some("agent-0"),
-        "over",
-    ));
-    trace.push(core(
-        1102,
-        EventKind::Ended,
-        Some(1),
-        Some("agent-0"),
-        "exited with code 0",
-    ));
+    trace.extend(process_over(ProcessEnd::Exited, "exited with code 0"));
     trace.extend(finals(
         2000,
         JobState::Succeeded,
