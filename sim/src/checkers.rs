@@ -667,6 +667,7 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             _ => None,
         })
         .collect();
+    let max_latency_ms = max_latency_ms(scenario);
     let mut checkers: Vec<Box<dyn Checker + '_>> = vec![
         Box::new(Capacity {
             cpus: scenario.topology.cpus,
@@ -694,7 +695,7 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
                 .topology
                 .ping_timeout_ms
                 .saturating_add(scenario.topology.ping_interval_ms)
-                .saturating_add(2 * max_latency_ms(scenario)),
+                .saturating_add(2 * max_latency_ms),
             canceled_at: BTreeMap::new(),
             stops: BTreeMap::new(),
             started: BTreeMap::new(),
@@ -716,10 +717,10 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             last: BTreeMap::new(),
         }),
         Box::new(Liveness { settled: None }),
-        Box::new(outcome::Outcome::new(scenario, max_latency_ms(scenario))),
+        Box::new(outcome::Outcome::new(scenario, max_latency_ms)),
         Box::new(links::ResultKept::new()),
-        Box::new(links::CutNoticed::new(scenario, max_latency_ms(scenario))),
-        Box::new(links::NoFlap::new(scenario, max_latency_ms(scenario))),
+        Box::new(links::CutNoticed::new(scenario, max_latency_ms)),
+        Box::new(links::NoFlap::new(scenario, max_latency_ms)),
         Box::new(Expectations {
             scenario,
             reached: crate::rare::reached(trace),

@@ -672,6 +672,12 @@ impl Scenario {
         })
     }
 
+    /// The simulated runner's kill grace in this scenario: the slowest of
+    /// its processes to die once killed (its largest `stop_ms`).
+    pub fn kill_grace_ms(&self) -> u64 {
+        self.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0)
+    }
+
     /// The time the fault plan and the workload end.
     pub fn plan_end_ms(&self) -> u64 {
         let jobs = self.jobs.iter().map(|j| j.at_ms);

@@ -177,7 +177,7 @@ impl World {
                 let runner = SimRunner {
                     agent: name.clone(),
                     trace: trace.clone(),
-                    kill_grace_ms: scenario.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0),
+                    kill_grace_ms: scenario.kill_grace_ms(),
                     gone: Default::default(),
                 };
                 AgentMaker {

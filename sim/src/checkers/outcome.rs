@@ -88,7 +88,7 @@ impl<'a> Outcome<'a> {
                     .core
                     .agent_grace_ms
                     .saturating_sub(topology.ping_interval_ms);
-                let kill_grace = scenario.jobs.iter().map(|j| j.stop_ms).max().unwrap_or(0);
+                let kill_grace = scenario.kill_grace_ms();
                 let room = fence.saturating_sub(3 * topology.ping_interval_ms);
                 fence - kill_grace.min(room)
             },
