@@ -544,12 +544,21 @@ impl Checker for Liveness {
     }
 }
 
-/// The scenario's own expectations: end states, attempts, dispatch order,
-/// the rare events it must reach.
+/// How a job ended, as its final trace entry says.
+struct Ended {
+    state: JobState,
+    attempts: usize,
+    reason: String,
+    exit_code: Option<i32>,
+    output_tail: String,
+}
+
+/// The scenario's own expectations: end states, attempts, exit codes,
+/// output tails, reasons, dispatch order, the rare events it must reach.
 struct Expectations<'a> {
     scenario: &'a Scenario,
     reached: BTreeMap<&'static str, usize>,
-    finals: BTreeMap<String, (JobState, usize)>,
+    finals: BTreeMap<String, Ended>,
     /// Jobs by first dispatch (a job is dispatched before its client hears
     /// its id, so names are matched at the end).
     dispatched: Vec<u64>,
@@ -575,9 +584,19 @@ impl Checker for Expectations<'_> {
                 name,
                 state,
                 attempts,
+                reason,
+                exit_code,
+                output_tail,
                 ..
             } => {
-                self.finals.insert(name.clone(), (*state, *attempts));
+                let ended = Ended {
+                    state: *state,
+                    attempts: *attempts,
+                    reason: reason.clone(),
+                    exit_code: *exit_code,
+                    output_tail: output_tail.clone(),
+                };
+                self.finals.insert(name.clone(), ended);
             }
             _ => {}
         }
@@ -596,28 +615,45 @@ impl Checker for Expectations<'_> {
                 ));
             }
         }
-        for (name, want) in &expect.states {
-            match self.finals.get(name) {
-                Some((got, _)) if got == want => {}
-                got => out.push(violation(
-                    self.name(),
+        let mut expected = |name: &String, want: String, got: Option<String>, ok: bool| {
+            if !ok {
+                let got = got.map_or("no end".to_string(), |g| g);
+                out.push(violation(
+                    "expectations",
                     end,
-                    format!("{name}: expected {want}, got {:?}", got.map(|g| g.0)),
-                )),
+                    format!("{name}: expected {want}, got {got}"),
+                ));
             }
+        };
+        let finals = &self.finals;
+        for (name, want) in &expect.states {
+            let got = finals.get(name);
+            let ok = got.is_some_and(|g| g.state == *want);
+            expected(name, want.to_string(), got.map(|g| g.state.to_string()), ok);
         }
         for (name, want) in &expect.attempts {
-            match self.finals.get(name) {
-                Some((_, got)) if got == want => {}
-                got => out.push(violation(
-                    self.name(),
-                    end,
-                    format!(
-                        "{name}: expected {want} attempts, got {:?}",
-                        got.map(|g| g.1)
-                    ),
-                )),
-            }
+            let got = finals.get(name);
+            let ok = got.is_some_and(|g| g.attempts == *want);
+            let got = got.map(|g| format!("{} attempts", g.attempts));
+            expected(name, format!("{want} attempts"), got, ok);
+        }
+        for (name, want) in &expect.exit_codes {
+            let got = finals.get(name);
+            let ok = got.is_some_and(|g| g.exit_code == Some(*want));
+            let got = got.map(|g| format!("exit code {:?}", g.exit_code));
+            expected(name, format!("exit code {want}"), got, ok);
+        }
+        for (name, want) in &expect.outputs {
+            let got = finals.get(name);
+            let ok = got.is_some_and(|g| g.output_tail == *want);
+            let got = got.map(|g| format!("output {:?}", g.output_tail));
+            expected(name, format!("output {want:?}"), got, ok);
+        }
+        for (name, want) in &expect.reasons {
+            let got = finals.get(name);
+            let ok = got.is_some_and(|g| g.reason.contains(want.as_str()));
+            let got = got.map(|g| format!("reason {:?}", g.reason));
+            expected(name, format!("a reason with {want:?}"), got, ok);
         }
         let order: Vec<&String> = self
             .dispatched

@@ -387,7 +387,9 @@ fn cut(path: &'static str, limit: usize) -> Work {
                     agent: "agent-0".into(),
                     trace: trace.clone(),
                     kill_grace_ms: 0,
+                    output_tail_bytes: 4096,
                     gone: Default::default(),
+                    disk: Default::default(),
                 };
                 let polls = agent_node
                     .spawn(DropAt::new(
@@ -462,7 +464,9 @@ fn agent_node(
         agent: "agent-0".into(),
         trace: trace.clone(),
         kill_grace_ms: 0,
+        output_tail_bytes: 4096,
         gone: Default::default(),
+        disk: Default::default(),
     };
     node.spawn(Agent::new(agent_options(addr, attempts), Arc::new(runner)).run());
     node

@@ -5,20 +5,26 @@
 //! Job environment read here:
 //! - `SIM_DURATION_MS` (default 1000): how long the process runs;
 //! - `SIM_EXIT_CODE` (default 0);
-//! - `SIM_OUTPUT` (default empty): the output tail;
+//! - `SIM_OUTPUT` (default empty): what it prints, written to its run
+//!   dir's `output` in `SIM_OUTPUT_PARTS` (default 1) parts of equal bytes
+//!   (so a part may end inside a character), spread over its duration, the
+//!   last at its exit;
+//! - `SIM_TERM_OUTPUT`: what it prints once killed, while it dies;
 //! - `SIM_HANG=1`: it never ends by itself;
 //! - `SIM_CRASH=1`: it dies of SIGSEGV at the end of its duration;
 //! - `SIM_STOP_MS` (default 0): once killed, it takes this long to die (at
 //!   most `KILL_GRACE_MS`, after which a real runner's SIGKILL ends it).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foreman::agent::runner::{RunControl, RunFuture, RunOrder, Runner};
+use foreman::agent::runner::{tail_of, RunControl, RunFuture, RunOrder, Runner};
 use foreman::core::{FinishedReport, Outcome};
 
+use crate::scenario::JobPlan;
 use crate::trace::{Ev, ProcessEnd, Trace};
 
 #[derive(Clone)]
@@ -31,6 +37,31 @@ pub struct SimRunner {
     /// The longest its processes take to die once killed (the scenario's
     /// largest `stop_ms`): the agent fences this much earlier.
     pub kill_grace_ms: u64,
+    /// The output tail a report carries, in bytes (a real agent's 4096).
+    pub output_tail_bytes: usize,
+    /// The host's disk, as far as runs use it.
+    pub disk: Disk,
+}
+
+/// The files of a host's runs: each run's output, by path. A run creates
+/// (or truncates) `<run dir>/output` and appends to it while it runs and
+/// while it dies; the agent's own capture code (`tail_of`) reads it back.
+#[derive(Clone, Default)]
+pub struct Disk(Arc<Mutex<BTreeMap<PathBuf, OutputFile>>>);
+
+type OutputFile = Arc<Mutex<Vec<u8>>>;
+
+impl Disk {
+    fn create(&self, path: PathBuf) -> OutputFile {
+        let mut files = self.0.lock().expect("disk lock");
+        let file = files.entry(path).or_default().clone();
+        file.lock().expect("file lock").clear();
+        file
+    }
+}
+
+fn write(file: &OutputFile, bytes: &[u8]) {
+    file.lock().expect("file lock").extend_from_slice(bytes);
 }
 
 /// Records the end of a process; if the process is dropped unfinished (its
@@ -62,31 +93,33 @@ impl Drop for Running {
 /// sends SIGKILL then).
 pub const KILL_GRACE_MS: u64 = 300;
 
-/// The job environment that describes a simulated process.
-pub fn process_env(
-    stop_ms: u64,
-    duration_ms: u64,
-    exit_code: i32,
-    output: &str,
-    hang: bool,
-    crash: bool,
-) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::from([("SIM_DURATION_MS".to_string(), duration_ms.to_string())]);
-    if exit_code != 0 {
-        env.insert("SIM_EXIT_CODE".into(), exit_code.to_string());
-    }
-    if !output.is_empty() {
-        env.insert("SIM_OUTPUT".into(), output.to_string());
-    }
-    if hang {
-        env.insert("SIM_HANG".into(), "1".into());
-    }
-    if crash {
-        env.insert("SIM_CRASH".into(), "1".into());
-    }
-    if stop_ms > 0 {
-        env.insert("SIM_STOP_MS".into(), stop_ms.to_string());
-    }
+/// The job environment that describes a job's simulated process.
+pub fn process_env(job: &JobPlan) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("SIM_DURATION_MS".to_string(), job.duration_ms.to_string())]);
+    let mut set = |key: &str, on: bool, value: String| {
+        if on {
+            env.insert(key.to_string(), value);
+        }
+    };
+    set(
+        "SIM_EXIT_CODE",
+        job.exit_code != 0,
+        job.exit_code.to_string(),
+    );
+    set("SIM_OUTPUT", !job.output.is_empty(), job.output.clone());
+    set(
+        "SIM_OUTPUT_PARTS",
+        job.output_parts > 1,
+        job.output_parts.to_string(),
+    );
+    set(
+        "SIM_TERM_OUTPUT",
+        !job.term_output.is_empty(),
+        job.term_output.clone(),
+    );
+    set("SIM_HANG", job.hang, "1".into());
+    set("SIM_CRASH", job.crash, "1".into());
+    set("SIM_STOP_MS", job.stop_ms > 0, job.stop_ms.to_string());
     env
 }
 
@@ -108,6 +141,9 @@ impl Runner for SimRunner {
             let crash = number("SIM_CRASH", 0) != 0;
             let stop_ms = (number("SIM_STOP_MS", 0).max(0) as u64).min(runner.kill_grace_ms);
             let output = env.get("SIM_OUTPUT").cloned().unwrap_or_default();
+            let parts = number("SIM_OUTPUT_PARTS", 1).clamp(1, 64) as usize;
+            let term_output = env.get("SIM_TERM_OUTPUT").cloned().unwrap_or_default();
+            let file = runner.disk.create(order.run_dir.join("output"));
             runner.trace.push(Ev::ProcessStarted {
                 job: order.job.0,
                 attempt: order.attempt,
@@ -126,10 +162,26 @@ impl Runner for SimRunner {
             let began = foreman::seam::now();
             let mut kill = control.kill;
             let run = async {
+                // Equal parts of its bytes at equal steps, the last at its exit.
+                let bytes = output.as_bytes();
+                let size = bytes.len().div_ceil(parts).max(1);
+                let chunks: Vec<&[u8]> = bytes.chunks(size).collect();
+                let step = duration_ms / chunks.len().max(1) as u64;
+                let mut slept = 0;
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let at = if i + 1 == chunks.len() {
+                        duration_ms
+                    } else {
+                        step * (i as u64 + 1)
+                    };
+                    tokio::time::sleep(Duration::from_millis(at - slept)).await;
+                    slept = at;
+                    write(&file, chunk);
+                }
+                tokio::time::sleep(Duration::from_millis(duration_ms - slept)).await;
                 if hang {
                     std::future::pending::<()>().await;
                 }
-                tokio::time::sleep(Duration::from_millis(duration_ms)).await;
             };
             let (outcome, end) = foreman::select! {
                 () = run => if crash {
@@ -139,15 +191,21 @@ impl Runner for SimRunner {
                 },
                 _ = &mut kill => (Outcome::Killed, ProcessEnd::Killed),
             };
-            if end == ProcessEnd::Killed && stop_ms > 0 {
-                // Still dying: its CPUs are still in use.
-                tokio::time::sleep(Duration::from_millis(stop_ms)).await;
+            if end == ProcessEnd::Killed {
+                write(&file, term_output.as_bytes());
+                if stop_ms > 0 {
+                    // Still dying: its CPUs are still in use.
+                    tokio::time::sleep(Duration::from_millis(stop_ms)).await;
+                }
             }
             process.end = Some(end);
             drop(process);
+            // Read back once the process (and its group) has ended, as the
+            // agent's runner does.
+            let written = file.lock().expect("file lock").clone();
             FinishedReport {
                 outcome,
-                output_tail: output,
+                output_tail: tail_of(std::io::Cursor::new(written), runner.output_tail_bytes),
                 run_ms: foreman::seam::now().ms_since(began),
             }
         })

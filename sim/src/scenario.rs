@@ -42,6 +42,9 @@ pub struct Topology {
     /// a supervisor crash can land before it is durable or after, before
     /// anything of its batch is sent.
     pub commit_ms: u64,
+    /// The output tail an agent's report carries, in bytes (the shipped
+    /// agent's 4096).
+    pub output_tail_bytes: usize,
     /// Overrides of the supervisor's core settings (any `CoreConfig` field).
     pub core: toml::Table,
 }
@@ -57,6 +60,7 @@ impl Default for Topology {
             loss: 0.0,
             reconnect_max_ms: 2_000,
             commit_ms: 0,
+            output_tail_bytes: 4096,
             core: toml::Table::new(),
         }
     }
@@ -82,8 +86,16 @@ pub struct JobPlan {
     pub duration_ms: u64,
     #[serde(default)]
     pub exit_code: i32,
+    /// What its process prints (to its run dir's `output`).
     #[serde(default)]
     pub output: String,
+    /// It prints `output` in this many parts of equal bytes (a part may end
+    /// inside a character), spread over its duration, the last at its exit.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub output_parts: u32,
+    /// What its process prints once killed, while it dies.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub term_output: String,
     /// The process never ends by itself (only a kill ends it).
     #[serde(default)]
     pub hang: bool,
@@ -105,6 +117,10 @@ pub struct JobPlan {
     /// Its client never retries a submission that got no answer.
     #[serde(default, skip_serializing_if = "is_false")]
     pub no_retry: bool,
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 fn is_false(b: &bool) -> bool {
@@ -225,6 +241,15 @@ pub struct Expect {
     pub dispatch_order: Vec<String>,
     /// Rare events (`rare::ALL`) the run must reach: what the scenario exists for.
     pub reached: Vec<String>,
+    /// Output tails of named jobs, exactly.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, String>,
+    /// Exit codes of named jobs (of the attempt that ended them).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_codes: BTreeMap<String, i32>,
+    /// Words the reasons of named jobs must contain.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: BTreeMap<String, String>,
 }
 
 impl Default for Expect {
@@ -235,6 +260,9 @@ impl Default for Expect {
             attempts: BTreeMap::new(),
             dispatch_order: Vec::new(),
             reached: Vec::new(),
+            outputs: BTreeMap::new(),
+            exit_codes: BTreeMap::new(),
+            reasons: BTreeMap::new(),
         }
     }
 }
@@ -402,6 +430,13 @@ impl Scenario {
                 format!("{} ms; at most 10 s", topology.commit_ms),
             ));
         }
+        if !(1..=1 << 20).contains(&topology.output_tail_bytes) {
+            return Err(at(
+                topo_span.clone(),
+                "topology.output_tail_bytes",
+                format!("{}; between 1 byte and 1 MiB", topology.output_tail_bytes),
+            ));
+        }
         if !(100..=600_000).contains(&topology.reconnect_max_ms) {
             return Err(at(
                 topo_span.clone(),
@@ -506,6 +541,13 @@ impl Scenario {
                     span,
                     &field("stop_ms"),
                     format!("{} ms; at most {KILL_GRACE_MS}", j.stop_ms),
+                ));
+            }
+            if !(1..=64).contains(&j.output_parts) {
+                return Err(at(
+                    span,
+                    &field("output_parts"),
+                    format!("{}; between 1 and 64", j.output_parts),
                 ));
             }
             if !user_names.contains(&j.user) {
@@ -643,6 +685,9 @@ impl Scenario {
         for (field, names) in [
             ("expect.states", expect.states.keys().collect::<Vec<_>>()),
             ("expect.attempts", expect.attempts.keys().collect()),
+            ("expect.outputs", expect.outputs.keys().collect()),
+            ("expect.exit_codes", expect.exit_codes.keys().collect()),
+            ("expect.reasons", expect.reasons.keys().collect()),
             (
                 "expect.dispatch_order",
                 expect.dispatch_order.iter().collect(),

@@ -92,6 +92,8 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
                 } else {
                     1
                 },
+                output_parts: 1,
+                term_output: String::new(),
                 stop_ms: 0,
                 client_timeout_ms: 0,
                 no_retry: false,
@@ -180,6 +182,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         loss: 0.0,
         reconnect_max_ms: 2_000,
         commit_ms: 0,
+        output_tail_bytes: 4096,
         core: toml::Table::from_iter([(
             "agent_grace_ms".to_string(),
             toml::Value::Integer(rng.random_range(2_000..10_000)),
@@ -325,8 +328,25 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
             job.output = format!("{} says {}\n", job.name, rng.random_range(0..1_000u32));
         }
     }
+    // Output that tries the agent's capture: long, of characters up to four
+    // bytes, printed in parts that may end inside a character, cut to a
+    // small tail, and printed while dying too.
+    let rich_output = rng.random_bool(0.4);
+    if rich_output {
+        const WORDS: [&str; 6] = ["ok ", "\u{e9}", "\u{2192} ", "\u{1f980}", "done\n", "x"];
+        topology.output_tail_bytes = [7, 8, 13, 32, 64, 4096][rng.random_range(0..6)];
+        for job in &mut jobs {
+            job.output = (0..rng.random_range(1..=40))
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect();
+            job.output_parts = rng.random_range(1..=6);
+            if rng.random_bool(0.3) {
+                job.term_output = "caught SIGTERM\n".into();
+            }
+        }
+    }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults} rich_output={rich_output} tail_bytes={}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],
@@ -334,6 +354,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         if shipped { "shipped" } else { "short" },
         if outages { "long" } else { "short" },
         topology.commit_ms,
+        topology.output_tail_bytes,
     );
     // Everything must settle within two minutes of the plan's end plus the
     // time the work would take run one job at a time (plan caps can

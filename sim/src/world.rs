@@ -21,7 +21,7 @@ use foreman::store::User;
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 
-use crate::runner::{process_env, SimRunner};
+use crate::runner::{process_env, Disk, SimRunner};
 use crate::scenario::{Action, Fault, JobPlan, Scenario, Situation, Target};
 use crate::trace::{CoreView, Entry, Ev, ProcessEnd, Trace};
 
@@ -77,6 +77,7 @@ impl AgentMaker {
     fn node(&self, host: u8) -> (NodeHandle, Arc<AtomicBool>) {
         let runner = SimRunner {
             gone: Arc::default(),
+            disk: Disk::default(),
             ..self.runner.clone()
         };
         let gone = runner.gone.clone();
@@ -178,7 +179,9 @@ impl World {
                     agent: name.clone(),
                     trace: trace.clone(),
                     kill_grace_ms: scenario.kill_grace_ms(),
+                    output_tail_bytes: topology.output_tail_bytes,
                     gone: Default::default(),
+                    disk: Default::default(),
                 };
                 AgentMaker {
                     name,
@@ -385,14 +388,7 @@ async fn submit(world: &World, trace: &Trace, ids: &Ids, job: &JobPlan) {
     if job.client_timeout_ms > 0 {
         client.timeout = Duration::from_millis(job.client_timeout_ms);
     }
-    let mut env = process_env(
-        job.stop_ms,
-        job.duration_ms,
-        job.exit_code,
-        &job.output,
-        job.hang,
-        job.crash,
-    );
+    let mut env = process_env(job);
     env.insert("SIM_NAME".into(), job.name.clone());
     let spec = SubmitSpec {
         env,

@@ -8,7 +8,7 @@ use foreman_sim::play::{run, Verdict};
 use foreman_sim::scenario::Scenario;
 use foreman_sim::trace::{first_divergence, summary};
 
-const NAMED: [&str; 13] = [
+const NAMED: [&str; 14] = [
     "agent-loss",
     "agent-pause",
     "cancel-during-allocation",
@@ -16,6 +16,7 @@ const NAMED: [&str; 13] = [
     "crash-during-commit",
     "duplicate-agent",
     "lossy-network",
+    "output-capture",
     "reconnect-storm",
     "slot-fairness",
     "slow-network",

@@ -29,7 +29,8 @@
 //! - a job nothing touched ends exactly as its program says, in one attempt;
 //! - never more attempts than allowed;
 //! - a job that ended by its program's exit carries that exit code and
-//!   output.
+//!   the tail of what it printed: its last N bytes from the first whole
+//!   character, N the smaller of the agent's and the supervisor's bounds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,6 +45,9 @@ pub(super) struct Outcome<'a> {
     plans: BTreeMap<&'a str, &'a JobPlan>,
     ping_interval_ms: u64,
     ping_timeout_ms: u64,
+    /// The output tail's bound: the agent's or the supervisor's, whichever
+    /// is smaller.
+    tail_bytes: usize,
     /// How long after its latest confirmed pong an agent fences: the grace
     /// period less one ping interval and its kill grace (PROTOCOL.md).
     fence_ms: u64,
@@ -83,6 +87,9 @@ impl<'a> Outcome<'a> {
             plans: scenario.jobs.iter().map(|j| (j.name.as_str(), j)).collect(),
             ping_interval_ms: topology.ping_interval_ms.max(1),
             ping_timeout_ms: topology.ping_timeout_ms,
+            tail_bytes: topology
+                .output_tail_bytes
+                .min(scenario.core.output_tail_bytes_max),
             fence_ms: {
                 let fence = scenario
                     .core
@@ -224,10 +231,11 @@ impl<'a> Outcome<'a> {
                 fin.exit_code, plan.exit_code
             ));
         }
-        if by_exit && fin.output_tail != plan.output {
+        let printed = output_tail(&plan.output, self.tail_bytes);
+        if by_exit && fin.output_tail != printed {
             wrong.push(format!(
-                "output {:?}, its program prints {:?}",
-                fin.output_tail, plan.output
+                "output {:?}, its program prints {:?}, whose last {} bytes are {printed:?}",
+                fin.output_tail, plan.output, self.tail_bytes
             ));
         }
         if wrong.is_empty() {
@@ -415,4 +423,16 @@ impl Checker for Outcome<'_> {
             _ => {}
         }
     }
+}
+
+/// What the job model says a job's output tail is: the last `max` bytes of
+/// what it printed, from the first byte that begins a character (a UTF-8
+/// continuation byte is `10xxxxxx`).
+pub(super) fn output_tail(printed: &str, max: usize) -> &str {
+    let bytes = printed.as_bytes();
+    let mut start = bytes.len().saturating_sub(max);
+    while bytes.get(start).is_some_and(|b| b & 0xC0 == 0x80) {
+        start += 1;
+    }
+    &printed[start..]
 }

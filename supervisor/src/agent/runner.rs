@@ -345,19 +345,42 @@ fn signal_group(group: Option<nix::unistd::Pid>, signal: nix::sys::signal::Signa
     }
 }
 
-/// The last `max` bytes of a file, as text (invalid UTF-8 replaced).
+/// The last `max` bytes of a run's output file, as text: see `tail_of`.
 pub fn read_tail(path: &std::path::Path, max: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else {
+    match std::fs::File::open(path) {
+        Ok(file) => tail_of(file, max),
+        Err(_) => String::new(),
+    }
+}
+
+/// The tail a report carries: the last `max` bytes of what a run wrote, as
+/// text starting on a character boundary (invalid UTF-8 replaced). Every
+/// runner reads its output back through this, the simulator's too (from the
+/// bytes its simulated process wrote), so the capture is tested there.
+pub fn tail_of<R: std::io::Read + std::io::Seek>(mut output: R, max: usize) -> String {
+    use std::io::{Read, SeekFrom};
+    let Ok(len) = output.seek(SeekFrom::End(0)) else {
         return String::new();
     };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(max as u64);
-    if file.seek(SeekFrom::Start(start)).is_err() {
+    if output.seek(SeekFrom::Start(start)).is_err() {
         return String::new();
     }
-    let mut bytes = Vec::with_capacity(max);
-    let _ = file.take(max as u64).read_to_end(&mut bytes);
-    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let mut bytes = Vec::with_capacity(max.min(len as usize));
+    let _ = output.take(max as u64).read_to_end(&mut bytes);
+    // A cut inside a character leaves up to three of its continuation
+    // bytes (`10xxxxxx`) in front. Drop them before decoding: each would
+    // become a replacement character, and cutting the decoded text back to
+    // `max` bytes keeps one of them where three were left.
+    let partial = if start > 0 {
+        bytes
+            .iter()
+            .take(3)
+            .take_while(|b| **b & 0xC0 == 0x80)
+            .count()
+    } else {
+        0
+    };
+    let text = String::from_utf8_lossy(&bytes[partial..]);
     crate::core::tail(&text, max)
 }

@@ -401,3 +401,53 @@ async fn sessions_cut_short_do_not_reset_the_backoff() {
         "the backoff did not grow: {gaps:?} ms"
     );
 }
+
+/// The output tail of `text` cut to `max` bytes, as a report carries it.
+fn tail(text: &[u8], max: usize) -> String {
+    runner::tail_of(std::io::Cursor::new(text), max)
+}
+
+#[test]
+fn output_tails_start_on_the_first_whole_character_of_their_last_bytes() {
+    assert_eq!(tail(b"", 8), "");
+    assert_eq!(tail(b"short\n", 8), "short\n");
+    assert_eq!(tail(b"exactly8", 8), "exactly8");
+    assert_eq!(tail(b"more than eight", 8), "an eight");
+    // The cut lands one, two and three bytes into a character of two,
+    // three and four bytes: what is left of it is dropped, never shown as
+    // a replacement character.
+    for (text, want) in [
+        ("\u{e9}abc", "abc"),   // é is 2 bytes: 1 of them left
+        ("\u{2192}abc", "abc"), // → is 3 bytes: 1 or 2 left
+        ("x\u{2192}abc", "abc"),
+        ("\u{1f980}abc", "abc"), // the crab is 4 bytes: 1, 2 or 3 left
+        ("x\u{1f980}abc", "abc"),
+        ("xy\u{1f980}abc", "abc"),
+    ] {
+        let bytes = text.as_bytes();
+        for max in 4..bytes.len() {
+            let got = tail(bytes, max);
+            let whole = std::str::from_utf8(&bytes[bytes.len() - max..]).is_ok();
+            if !whole {
+                assert_eq!(got, want, "{text:?} cut to its last {max} bytes");
+            }
+            assert!(
+                got.len() <= max && text.ends_with(&got),
+                "{text:?} to {max}: {got:?}"
+            );
+        }
+    }
+    // Bytes that are not UTF-8 inside the tail are replaced, and the tail
+    // still keeps to its bound.
+    let got = tail(b"ok \xff\xfe done", 9);
+    assert!(
+        got.contains('\u{fffd}') && got.ends_with(" done") && got.len() <= 9,
+        "{got:?}"
+    );
+}
+
+#[test]
+fn an_output_file_that_is_gone_has_an_empty_tail() {
+    let missing = std::env::temp_dir().join("foreman-no-such-dir/output");
+    assert_eq!(runner::read_tail(&missing, 64), "");
+}

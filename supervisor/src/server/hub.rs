@@ -159,3 +159,110 @@ impl Hub {
         latency.sum_ms += ms;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{JobSpec, Kind, Transition as Step};
+
+    fn job(history: &[(u64, JobState)]) -> Job {
+        Job {
+            id: JobId(7),
+            user: "ann".into(),
+            plan: "basic".into(),
+            priority: 0,
+            spec: Arc::new(JobSpec {
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                cwd: None,
+                labels: BTreeMap::new(),
+                kind: Kind::Sequential,
+                cpus: 1,
+                max_run_secs: 60,
+                queue_timeout_secs: None,
+                max_attempts: 1,
+                idempotency_key: None,
+            }),
+            state: history.last().map_or(JobState::Queued, |h| h.1),
+            submitted_at: Millis(history.first().map_or(0, |h| h.0)),
+            finished_at: None,
+            attempts: Vec::new(),
+            history: history
+                .iter()
+                .map(|&(at, state)| Step {
+                    at: Millis(at),
+                    state,
+                    reason: Arc::from(format!("{state} at {at}")),
+                })
+                .collect(),
+            exit_code: None,
+            output_tail: String::new(),
+            reason: Arc::from(""),
+        }
+    }
+
+    #[test]
+    fn a_dropped_reply_waiter_forgets_its_request_and_a_reply_reaches_its_waiter() {
+        let hub = Arc::new(Hub::default());
+        let (conn, _rx) = hub.open_conn();
+        let gone = hub.expect_reply();
+        let kept = hub.expect_reply();
+        assert_ne!(gone.request, kept.request);
+        assert_eq!(hub.open_counts(), (1, 2));
+        drop(gone);
+        assert_eq!(hub.open_counts(), (1, 1), "the dropped waiter is forgotten");
+        hub.close_conn(conn);
+        assert_eq!(hub.open_counts(), (0, 1));
+        assert!(!hub.send(conn, Outgoing::Close(CloseReason::Replaced)));
+        let request = kept.request;
+        let reply = Reply::Submitted {
+            job: JobId(7),
+            existing: true,
+        };
+        hub.reply(request, reply.clone());
+        let got = futures_util::FutureExt::now_or_never(kept.wait())
+            .expect("the reply is there")
+            .expect("not dropped");
+        assert_eq!(got, reply);
+        assert_eq!(hub.open_counts(), (0, 0));
+    }
+
+    #[test]
+    fn each_published_transition_reaches_watchers_and_dispatches_are_timed_from_the_last_queueing()
+    {
+        let hub = Hub::default();
+        let mut watcher = hub.watch();
+        // Queued at 100, dispatched at 103, requeued at 200, dispatched at 260.
+        hub.published(&job(&[(100, JobState::Queued)]));
+        hub.published(&job(&[
+            (100, JobState::Queued),
+            (103, JobState::Dispatched),
+        ]));
+        hub.published(&job(&[
+            (100, JobState::Queued),
+            (103, JobState::Dispatched),
+            (200, JobState::Queued),
+            (260, JobState::Dispatched),
+        ]));
+        hub.published(&job(&[]));
+        let seen: Vec<(JobState, u64, String)> = std::iter::from_fn(|| watcher.try_recv().ok())
+            .map(|t| (t.state, t.at.0, t.reason.to_string()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (JobState::Queued, 100, "queued at 100".into()),
+                (JobState::Dispatched, 103, "dispatched at 103".into()),
+                (JobState::Dispatched, 260, "dispatched at 260".into()),
+            ]
+        );
+        let latency = hub.dispatch_latency.lock().expect("hub lock");
+        assert_eq!((latency.count, latency.sum_ms), (2, 3 + 60));
+        // Cumulative buckets: 3 ms is within 5 ms and up, 60 ms within 100 ms and up.
+        let expected: Vec<u64> = LATENCY_BUCKETS_MS
+            .iter()
+            .map(|&b| u64::from(b >= 5) + u64::from(b >= 100))
+            .collect();
+        assert_eq!(latency.buckets.to_vec(), expected);
+    }
+}
