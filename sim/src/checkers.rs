@@ -676,6 +676,70 @@ impl Checker for Expectations<'_> {
     }
 }
 
+/// The supervisor's journal replays: every segment on its own, and the
+/// newest to where the supervisor ended (the jobs it ended, ended the same
+/// way; the same live jobs, CPUs in use and connected agents as the core
+/// last committed).
+struct JournalReplays {
+    on: bool,
+    finals: BTreeMap<u64, JobState>,
+    replayed: Option<Entry>,
+}
+
+impl Checker for JournalReplays {
+    fn name(&self) -> &'static str {
+        "journal"
+    }
+    fn observe(&mut self, e: &Entry, _out: &mut Vec<Violation>) {
+        match &e.ev {
+            Ev::Final { job, state, .. } => {
+                self.finals.insert(*job, *state);
+            }
+            Ev::JournalReplayed { .. } => self.replayed = Some(e.clone()),
+            _ => {}
+        }
+    }
+    fn finish(&mut self, end: u64, out: &mut Vec<Violation>) {
+        let Some(entry) = self.replayed.take() else {
+            if self.on {
+                out.push(violation(
+                    self.name(),
+                    end,
+                    "the journal was never replayed".into(),
+                ));
+            }
+            return;
+        };
+        let Ev::JournalReplayed {
+            ended,
+            replayed,
+            committed,
+            errors,
+            ..
+        } = entry.ev
+        else {
+            return;
+        };
+        let mut wrong = errors;
+        for (job, state) in &ended {
+            match self.finals.get(job) {
+                Some(last) if last == state => {}
+                last => wrong.push(format!(
+                    "job {job} ends {state} in the replay, {last:?} in the run"
+                )),
+            }
+        }
+        if committed.is_some() && replayed != committed {
+            wrong.push(format!(
+                "the replayed core ends with {replayed:?}, the supervisor's with {committed:?} (live jobs, CPUs used, connected agents)"
+            ));
+        }
+        for what in wrong {
+            out.push(violation(self.name(), entry.at, what));
+        }
+    }
+}
+
 /// The slowest a message can be in the scenario: its topology's latency or
 /// any latency fault's.
 fn max_latency_ms(scenario: &Scenario) -> u64 {
@@ -757,6 +821,11 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
         Box::new(links::ResultKept::new()),
         Box::new(links::CutNoticed::new(scenario, max_latency_ms)),
         Box::new(links::NoFlap::new(scenario, max_latency_ms)),
+        Box::new(JournalReplays {
+            on: scenario.topology.journal_segment_bytes > 0,
+            finals: BTreeMap::new(),
+            replayed: None,
+        }),
         Box::new(Expectations {
             scenario,
             reached: crate::rare::reached(trace),

@@ -8,11 +8,13 @@
 //! - `rare`: the rare events a run reached, named and counted.
 //! - `runner`: the simulated `Runner` (jobs that take simulated time).
 //! - `world`: the composer of a world and the driver of a scenario.
+//! - `journal`: the supervisor's journal, replayed after a run.
 //! - `play`: one scenario on one seed, on a fresh runtime and thread.
 
 pub mod checkers;
 #[cfg(madsim)]
 pub mod explore;
+pub mod journal;
 #[cfg(madsim)]
 pub mod play;
 pub mod rare;

@@ -45,6 +45,9 @@ pub struct Topology {
     /// The output tail an agent's report carries, in bytes (the shipped
     /// agent's 4096).
     pub output_tail_bytes: usize,
+    /// The supervisor's journal segment bound in bytes (0: no journal).
+    /// Every segment is replayed after the run and checked.
+    pub journal_segment_bytes: u64,
     /// Overrides of the supervisor's core settings (any `CoreConfig` field).
     pub core: toml::Table,
 }
@@ -61,6 +64,7 @@ impl Default for Topology {
             reconnect_max_ms: 2_000,
             commit_ms: 0,
             output_tail_bytes: 4096,
+            journal_segment_bytes: 65_536,
             core: toml::Table::new(),
         }
     }
@@ -435,6 +439,13 @@ impl Scenario {
                 topo_span.clone(),
                 "topology.output_tail_bytes",
                 format!("{}; between 1 byte and 1 MiB", topology.output_tail_bytes),
+            ));
+        }
+        if topology.journal_segment_bytes > 1 << 26 {
+            return Err(at(
+                topo_span.clone(),
+                "topology.journal_segment_bytes",
+                format!("{}; at most 64 MiB", topology.journal_segment_bytes),
             ));
         }
         if !(100..=600_000).contains(&topology.reconnect_max_ms) {

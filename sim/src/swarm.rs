@@ -183,6 +183,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         reconnect_max_ms: 2_000,
         commit_ms: 0,
         output_tail_bytes: 4096,
+        journal_segment_bytes: 0,
         core: toml::Table::from_iter([(
             "agent_grace_ms".to_string(),
             toml::Value::Integer(rng.random_range(2_000..10_000)),
@@ -345,8 +346,14 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
             }
         }
     }
+    // The journal, in small segments (so that they rotate), replayed after
+    // the run.
+    let journal = rng.random_bool(0.3);
+    if journal {
+        topology.journal_segment_bytes = rng.random_range(4_096..=262_144);
+    }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults} rich_output={rich_output} tail_bytes={}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults} rich_output={rich_output} tail_bytes={} journal_bytes={}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],
@@ -355,6 +362,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         if outages { "long" } else { "short" },
         topology.commit_ms,
         topology.output_tail_bytes,
+        topology.journal_segment_bytes,
     );
     // Everything must settle within two minutes of the plan's end plus the
     // time the work would take run one job at a time (plan caps can

@@ -2,6 +2,7 @@
 //! the simulated processes did, what the clients were told, which faults
 //! fired, and the end state. Checkers read nothing else.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -106,6 +107,18 @@ pub enum Ev {
         ok: bool,
         detail: String,
     },
+    /// The supervisor's journal, replayed after the run (`journal`):
+    /// segments and inputs replayed, the jobs the newest segment ended and
+    /// how, the core it ended with and the one last committed (live jobs,
+    /// CPUs used, connected agents), and the segments that did not replay.
+    JournalReplayed {
+        segments: usize,
+        inputs: usize,
+        ended: BTreeMap<u64, JobState>,
+        replayed: Option<[u64; 3]>,
+        committed: Option<[u64; 3]>,
+        errors: Vec<String>,
+    },
     /// A job as the API shows it at the end.
     Final {
         job: u64,
@@ -142,6 +155,25 @@ pub struct CoreView {
     pub connected_agents: usize,
     pub cpus_used: u32,
     pub live_jobs: usize,
+}
+
+impl CoreView {
+    pub fn of(core: &foreman::core::Core) -> CoreView {
+        CoreView {
+            connected_agents: core.agents().filter(|a| a.conn().is_some()).count(),
+            cpus_used: core.agents().map(|a| a.used_cpus).sum(),
+            live_jobs: core.jobs().filter(|j| !j.state.is_terminal()).count(),
+        }
+    }
+
+    /// Live jobs, CPUs used, connected agents.
+    pub fn numbers(&self) -> [u64; 3] {
+        [
+            self.live_jobs as u64,
+            u64::from(self.cpus_used),
+            self.connected_agents as u64,
+        ]
+    }
 }
 
 #[derive(Debug, Default)]
@@ -260,11 +292,7 @@ impl foreman::server::executor::Observer for Trace {
             let message = panic_message(&*panic);
             self.push(Ev::InvariantBroken { message });
         }
-        let view = CoreView {
-            connected_agents: core.agents().filter(|a| a.conn().is_some()).count(),
-            cpus_used: core.agents().map(|a| a.used_cpus).sum(),
-            live_jobs: core.jobs().filter(|j| !j.state.is_terminal()).count(),
-        };
+        let view = CoreView::of(core);
         self.inner.lock().expect("trace lock").pending = Some(view);
     }
 
@@ -365,6 +393,18 @@ pub fn summary(entries: &[Entry]) -> String {
             Ev::SupervisorDown => "supervisor down".to_string(),
             Ev::InvariantBroken { message } => format!("INVARIANT BROKEN: {message}"),
             Ev::Settled { ok, detail } => format!("settled {ok}: {detail}"),
+            Ev::JournalReplayed {
+                segments,
+                inputs,
+                ended,
+                replayed,
+                errors,
+                ..
+            } => format!(
+                "journal: {segments} segments, {inputs} inputs replayed, {} jobs ended in the newest, its core ends with {replayed:?} (live jobs, cpus, agents){}",
+                ended.len(),
+                if errors.is_empty() { String::new() } else { format!("; errors: {errors:?}") }
+            ),
             Ev::Final {
                 job,
                 name,

@@ -132,8 +132,12 @@ impl World {
                 hello_timeout_ms: 5_000,
             },
             bootstrap_users: users,
-            journal_segment_bytes_max: 0,
-            journal_segments_max: 0,
+            journal_segment_bytes_max: topology.journal_segment_bytes,
+            journal_segments_max: if topology.journal_segment_bytes > 0 {
+                JOURNAL_SEGMENTS
+            } else {
+                0
+            },
             observer: Some(Arc::new(trace.clone())),
             commit_delay_ms: topology.commit_ms,
         };
@@ -272,9 +276,13 @@ pub fn agent_name(i: usize) -> String {
     format!("agent-{i}")
 }
 
+/// Old journal segments the simulated supervisor keeps.
+const JOURNAL_SEGMENTS: usize = 8;
+
 /// Plays a scenario in the current madsim runtime and returns its trace.
 pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
     let trace = Trace::new();
+    let journal = (scenario.topology.journal_segment_bytes > 0).then(|| data_dir.join("journal"));
     let world = Arc::new(World::build(&scenario, &trace, data_dir));
     let control = world.client_node(0);
     *world.control.lock().expect("control") = Some(control.id());
@@ -286,6 +294,11 @@ pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
             ok: false,
             detail: format!("the control node failed: {e}"),
         });
+    }
+    if let Some(journal) = journal {
+        // What is on disk now, with the supervisor still up: what a kill
+        // would leave.
+        trace.push(crate::journal::replayed(&journal, trace.core_view()));
     }
     let entries = trace.entries();
     // The simulator does not drop a node's tasks when the run ends: kill the

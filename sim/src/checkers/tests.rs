@@ -1,6 +1,8 @@
 //! The checkers have teeth: each fails a trace that breaks its rule, named
 //! like the incident it catches, and passes the same trace made right.
 
+use std::collections::BTreeMap;
+
 use foreman::core::{EventKind, JobState};
 
 use super::{check, Violation};
@@ -15,7 +17,10 @@ fn scenario(job: &str) -> Scenario {
     } else {
         "duration_ms = 1000\n"
     };
-    let text = format!("[topology]\nagents = 2\n\n[[jobs]]\nname = \"j\"\n{duration}{job}\n");
+    // These traces are made by hand, with no journal to replay.
+    let text = format!(
+        "[topology]\nagents = 2\njournal_segment_bytes = 0\n\n[[jobs]]\nname = \"j\"\n{duration}{job}\n"
+    );
     Scenario::parse("test.toml", "test", &text).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -388,4 +393,54 @@ fn no_flap_a_connection_drops_only_near_a_fault() {
     );
     trace.insert(6, fault(29_000, Action::Partition, "agent-1"));
     assert_eq!(by("no-flap", &check(&s, &trace)), Vec::<String>::new());
+}
+
+#[test]
+fn journal_the_replay_must_happen_end_where_the_run_did_and_read_every_segment() {
+    let on = Scenario::parse("test.toml", "test", "[[jobs]]\nname = \"j\"").expect("valid");
+    let mut trace = runs();
+    trace.extend(process_over(ProcessEnd::Exited, "exited with code 0"));
+    trace.extend(finals(
+        2000,
+        JobState::Succeeded,
+        1,
+        "exited with code 0",
+        Some(0),
+    ));
+    let never = by("journal", &check(&on, &trace));
+    assert!(
+        never.len() == 1 && never[0].contains("never replayed"),
+        "{never:?}"
+    );
+    let replayed = |state: JobState, replayed: [u64; 3], errors: Vec<String>| {
+        let mut t = trace.clone();
+        t.push(at(
+            2100,
+            Ev::JournalReplayed {
+                segments: 2,
+                inputs: 40,
+                ended: BTreeMap::from([(1, state)]),
+                replayed: Some(replayed),
+                committed: Some([0, 0, 2]),
+                errors,
+            },
+        ));
+        by("journal", &check(&on, &t))
+    };
+    assert_eq!(
+        replayed(JobState::Succeeded, [0, 0, 2], vec![]),
+        Vec::<String>::new()
+    );
+    let differs = replayed(
+        JobState::Failed,
+        [1, 1, 2],
+        vec!["00000001.jsonl: no snapshot".into()],
+    );
+    assert_eq!(differs.len(), 3, "{differs:?}");
+    assert!(differs[0].contains("no snapshot"), "{differs:?}");
+    assert!(
+        differs[1].contains("job 1 ends failed in the replay"),
+        "{differs:?}"
+    );
+    assert!(differs[2].contains("[1, 1, 2]"), "{differs:?}");
 }

@@ -88,7 +88,10 @@ impl Journal {
         }
         let current = self.current();
         let segments = self.segments();
-        if current.exists() {
+        // A segment with nothing in it (a supervisor that stopped before its
+        // first input) is reused, not kept: kept, it would replay to nothing
+        // and, in a crash loop, push every real segment past the bound.
+        if std::fs::metadata(&current).is_ok_and(|m| m.len() > 0) {
             let next = segments.last().map_or(1, |(n, _)| n + 1);
             std::fs::rename(&current, self.dir.join(format!("{next:08}.jsonl")))?;
         }
@@ -242,6 +245,26 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn journal_a_crash_loop_keeps_the_history_and_leaves_no_empty_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = Core::new(CoreConfig::default());
+        let mut journal = Journal::open(dir.path(), 1_000_000, 2).unwrap();
+        journal.record(Millis(5), &Input::Tick, &core);
+        journal.flush();
+        drop(journal);
+        // Five starts that each die before their first input.
+        for _ in 0..5 {
+            drop(Journal::open(dir.path(), 1_000_000, 2).unwrap());
+        }
+        let journal = Journal::open(dir.path(), 1_000_000, 2).unwrap();
+        let segments = journal.segments();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        let mut inputs = 0;
+        replay(&segments[0].1, |_, _, _| inputs += 1).expect("the history replays");
+        assert_eq!(inputs, 1);
     }
 
     #[test]

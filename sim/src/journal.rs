@@ -1,0 +1,61 @@
+//! After a run, the supervisor's journal is replayed through a fresh core,
+//! one segment at a time, as an operator replays an incident
+//! (`foreman replay`). Every segment must replay on its own, and the newest
+//! one (what the last supervisor wrote) must end where that supervisor did:
+//! the same jobs ended the same way, the same live jobs, CPUs and agents.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use foreman::core::Effect;
+
+use crate::trace::{CoreView, Ev};
+
+/// Replays every segment in `dir`, oldest first; `committed` is the core as
+/// the supervisor last made it durable.
+pub fn replayed(dir: &Path, committed: Option<CoreView>) -> Ev {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    // Numbered segments in order, then the one being written.
+    segments.sort_by_key(|p| (p.ends_with("current.jsonl"), p.clone()));
+    let mut errors = Vec::new();
+    let mut inputs = 0;
+    let mut ended = BTreeMap::new();
+    let mut view = None;
+    for (i, path) in segments.iter().enumerate() {
+        let newest = i + 1 == segments.len();
+        let mut last = BTreeMap::new();
+        let replay = foreman::server::journal::replay(path, |_, _, effects| {
+            inputs += 1;
+            for effect in effects {
+                if let Effect::Persist { job } = effect {
+                    last.insert(job.id.0, job.state);
+                }
+            }
+        });
+        match replay {
+            Ok(core) if newest => {
+                ended = last.into_iter().filter(|(_, s)| s.is_terminal()).collect();
+                view = Some(CoreView::of(&core).numbers());
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if segments.is_empty() {
+        errors.push(format!("no journal segment in {}", dir.display()));
+    }
+    Ev::JournalReplayed {
+        segments: segments.len(),
+        inputs,
+        ended,
+        replayed: view,
+        committed: committed.map(|c| c.numbers()),
+        errors,
+    }
+}
