@@ -59,3 +59,18 @@ pub fn replayed(dir: &Path, committed: Option<CoreView>) -> Ev {
         errors,
     }
 }
+
+/// A journal found where none was asked for (segment bound 0: no journal).
+pub fn kept_though_off(dir: &Path) -> Ev {
+    Ev::JournalReplayed {
+        segments: 0,
+        inputs: 0,
+        ended: BTreeMap::new(),
+        replayed: None,
+        committed: None,
+        errors: vec![format!(
+            "{}: a journal was kept though the configuration turns it off",
+            dir.display()
+        )],
+    }
+}

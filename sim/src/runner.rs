@@ -178,7 +178,9 @@ impl Runner for SimRunner {
                     slept = at;
                     write(&file, chunk);
                 }
-                tokio::time::sleep(Duration::from_millis(duration_ms - slept)).await;
+                if duration_ms > slept {
+                    tokio::time::sleep(Duration::from_millis(duration_ms - slept)).await;
+                }
                 if hang {
                     std::future::pending::<()>().await;
                 }

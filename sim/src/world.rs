@@ -282,7 +282,8 @@ const JOURNAL_SEGMENTS: usize = 8;
 /// Plays a scenario in the current madsim runtime and returns its trace.
 pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
     let trace = Trace::new();
-    let journal = (scenario.topology.journal_segment_bytes > 0).then(|| data_dir.join("journal"));
+    let journal = data_dir.join("journal");
+    let journal_on = scenario.topology.journal_segment_bytes > 0;
     let world = Arc::new(World::build(&scenario, &trace, data_dir));
     let control = world.client_node(0);
     *world.control.lock().expect("control") = Some(control.id());
@@ -295,10 +296,12 @@ pub async fn play(scenario: Arc<Scenario>, data_dir: PathBuf) -> Vec<Entry> {
             detail: format!("the control node failed: {e}"),
         });
     }
-    if let Some(journal) = journal {
+    if journal_on {
         // What is on disk now, with the supervisor still up: what a kill
         // would leave.
         trace.push(crate::journal::replayed(&journal, trace.core_view()));
+    } else if journal.exists() {
+        trace.push(crate::journal::kept_though_off(&journal));
     }
     let entries = trace.entries();
     // The simulator does not drop a node's tasks when the run ends: kill the

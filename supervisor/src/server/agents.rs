@@ -323,4 +323,34 @@ mod tests {
         assert_eq!(fence_ms(2_000, &endpoint), 1_500, "three intervals");
         assert_eq!(check_fence(60_000, &endpoint), Ok(()));
     }
+
+    /// An agent's frame over the bound is refused while it is read, never
+    /// buffered whole first (the decoder's own check comes after that).
+    #[tokio::test]
+    async fn a_frame_over_the_bound_is_refused_while_it_is_read() {
+        use tokio_tungstenite::tungstenite::error::CapacityError;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        use tokio_tungstenite::WebSocketStream;
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let mut server =
+            WebSocketStream::from_raw_socket(near, Role::Server, Some(ws_config())).await;
+        let unbounded = WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let mut client = WebSocketStream::from_raw_socket(far, Role::Client, Some(unbounded)).await;
+        let sender = tokio::spawn(async move {
+            let big = Message::text("x".repeat(protocol::FRAME_BYTES_MAX + 1));
+            let _ = client.send(big).await;
+            client
+        });
+        match server.next().await {
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {}
+            other => panic!(
+                "an oversized frame was read: {:?}",
+                other.map(|r| r.map(|m| m.len()))
+            ),
+        }
+        drop(server);
+        let _ = sender.await;
+    }
 }

@@ -247,6 +247,48 @@ mod tests {
         }
     }
 
+    /// The time of a segment's first line (its snapshot).
+    fn first_at(path: &Path) -> u64 {
+        let text = std::fs::read_to_string(path).unwrap();
+        match serde_json::from_str(text.lines().next().expect("a first line")).unwrap() {
+            Line::Snapshot { at, .. } | Line::Input { at, .. } => at.0,
+        }
+    }
+
+    #[test]
+    fn journal_segments_are_numbered_in_order_and_bounded_to_the_byte() {
+        let core = Core::new(CoreConfig::default());
+        // Its count of bytes is the file's, after every input.
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1_000, 100).unwrap();
+        for i in 0..30 {
+            journal.record(Millis(i), &Input::Tick, &core);
+            journal.flush();
+            let on_disk = std::fs::metadata(journal.current()).unwrap().len();
+            assert_eq!(journal.bytes, on_disk, "after input {i}");
+        }
+        // Rotated segments are numbered in the order they were written.
+        let segments = journal.segments();
+        assert!(segments.len() >= 3, "{segments:?}");
+        let starts: Vec<u64> = segments.iter().map(|(_, p)| first_at(p)).collect();
+        assert!(starts.windows(2).all(|w| w[0] < w[1]), "{starts:?}");
+        assert!(first_at(&journal.current()) > *starts.last().unwrap());
+        // A segment may reach its bound exactly; one byte more rotates it.
+        let one = {
+            let dir = tempfile::tempdir().unwrap();
+            let mut journal = Journal::open(dir.path(), 1_000_000, 1).unwrap();
+            journal.record(Millis(1), &Input::Tick, &core);
+            journal.bytes
+        };
+        for (bound, segments) in [(one, 0), (one - 1, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut journal = Journal::open(dir.path(), bound, 10).unwrap();
+            journal.record(Millis(1), &Input::Tick, &core);
+            journal.record(Millis(2), &Input::Tick, &core);
+            assert_eq!(journal.segments().len(), segments, "bound {bound}");
+        }
+    }
+
     #[test]
     fn journal_a_crash_loop_keeps_the_history_and_leaves_no_empty_segment() {
         let dir = tempfile::tempdir().unwrap();
