@@ -189,9 +189,8 @@ fn outcome_a_job_whose_program_succeeded_killed_with_nobody_asking_fails_the_run
     assert!(found[0].contains("no fault touched it"), "{}", found[0]);
 }
 
-#[test]
-fn outcome_an_undisturbed_job_ends_as_its_program_says_in_one_attempt() {
-    let s = scenario("");
+/// A job that ran once and exited 0, as the trace tells it.
+fn undisturbed_success() -> Vec<Entry> {
     let mut trace = runs();
     trace.extend(process_over(ProcessEnd::Exited, "exited with code 0"));
     trace.extend(finals(
@@ -201,6 +200,13 @@ fn outcome_an_undisturbed_job_ends_as_its_program_says_in_one_attempt() {
         "exited with code 0",
         Some(0),
     ));
+    trace
+}
+
+#[test]
+fn outcome_an_undisturbed_job_ends_as_its_program_says_in_one_attempt() {
+    let s = scenario("");
+    let trace = undisturbed_success();
     assert_eq!(check(&s, &trace), vec![]);
     // Two attempts with nothing touching it, a wrong exit code, a state
     // its program never gives: each named.
@@ -398,15 +404,7 @@ fn no_flap_a_connection_drops_only_near_a_fault() {
 #[test]
 fn journal_the_replay_must_happen_end_where_the_run_did_and_read_every_segment() {
     let on = Scenario::parse("test.toml", "test", "[[jobs]]\nname = \"j\"").expect("valid");
-    let mut trace = runs();
-    trace.extend(process_over(ProcessEnd::Exited, "exited with code 0"));
-    trace.extend(finals(
-        2000,
-        JobState::Succeeded,
-        1,
-        "exited with code 0",
-        Some(0),
-    ));
+    let trace = undisturbed_success();
     let never = by("journal", &check(&on, &trace));
     assert!(
         never.len() == 1 && never[0].contains("never replayed"),
@@ -443,4 +441,22 @@ fn journal_the_replay_must_happen_end_where_the_run_did_and_read_every_segment()
         "{differs:?}"
     );
     assert!(differs[2].contains("[1, 1, 2]"), "{differs:?}");
+}
+
+#[test]
+fn outcome_the_output_tail_is_the_last_bytes_from_the_first_whole_character() {
+    use super::outcome::output_tail;
+    assert_eq!(output_tail("", 4), "");
+    assert_eq!(output_tail("abc", 4), "abc");
+    assert_eq!(output_tail("abcdef", 4), "cdef");
+    // "ok 🦀 done, é\n" is 17 bytes; its last 13 begin inside the crab.
+    assert_eq!(
+        output_tail("ok \u{1f980} done, \u{e9}\n", 13),
+        " done, \u{e9}\n"
+    );
+    assert_eq!(
+        output_tail("ok \u{1f980} done, \u{e9}\n", 14),
+        "\u{1f980} done, \u{e9}\n"
+    );
+    assert_eq!(output_tail("\u{e9}", 1), "");
 }
