@@ -615,9 +615,10 @@ impl Checker for Expectations<'_> {
                 ));
             }
         }
-        let mut expected = |name: &String, want: String, got: Option<String>, ok: bool| {
+        let finals = &self.finals;
+        let mut judge = |name: &String, want: String, got: Option<String>, ok: bool| {
             if !ok {
-                let got = got.map_or("no end".to_string(), |g| g);
+                let got = got.unwrap_or_else(|| "no end".to_string());
                 out.push(violation(
                     "expectations",
                     end,
@@ -625,35 +626,37 @@ impl Checker for Expectations<'_> {
                 ));
             }
         };
-        let finals = &self.finals;
+        // Each expectation as words, compared with the same words of how
+        // the job ended.
+        let mut same = |name: &String, want: String, show: &dyn Fn(&Ended) -> String| {
+            let got = finals.get(name).map(show);
+            let ok = got.as_deref() == Some(want.as_str());
+            judge(name, want, got, ok);
+        };
         for (name, want) in &expect.states {
-            let got = finals.get(name);
-            let ok = got.is_some_and(|g| g.state == *want);
-            expected(name, want.to_string(), got.map(|g| g.state.to_string()), ok);
+            same(name, want.to_string(), &|g| g.state.to_string());
         }
         for (name, want) in &expect.attempts {
-            let got = finals.get(name);
-            let ok = got.is_some_and(|g| g.attempts == *want);
-            let got = got.map(|g| format!("{} attempts", g.attempts));
-            expected(name, format!("{want} attempts"), got, ok);
+            same(name, format!("{want} attempts"), &|g| {
+                format!("{} attempts", g.attempts)
+            });
         }
         for (name, want) in &expect.exit_codes {
-            let got = finals.get(name);
-            let ok = got.is_some_and(|g| g.exit_code == Some(*want));
-            let got = got.map(|g| format!("exit code {:?}", g.exit_code));
-            expected(name, format!("exit code {want}"), got, ok);
+            same(name, format!("exit code {want}"), &|g| {
+                g.exit_code
+                    .map_or("no exit code".into(), |c| format!("exit code {c}"))
+            });
         }
         for (name, want) in &expect.outputs {
-            let got = finals.get(name);
-            let ok = got.is_some_and(|g| g.output_tail == *want);
-            let got = got.map(|g| format!("output {:?}", g.output_tail));
-            expected(name, format!("output {want:?}"), got, ok);
+            same(name, format!("output {want:?}"), &|g| {
+                format!("output {:?}", g.output_tail)
+            });
         }
         for (name, want) in &expect.reasons {
             let got = finals.get(name);
             let ok = got.is_some_and(|g| g.reason.contains(want.as_str()));
             let got = got.map(|g| format!("reason {:?}", g.reason));
-            expected(name, format!("a reason with {want:?}"), got, ok);
+            judge(name, format!("a reason with {want:?}"), got, ok);
         }
         let order: Vec<&String> = self
             .dispatched

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::*;
-use crate::core::{JobSpec, KillReason, Kind, StopReason};
+use crate::core::{JobSpec, KillReason, StopReason};
 use crate::protocol::ping_payload;
 
 /// Counts the runs it is given. Each run starts, waits for its kill and
@@ -63,18 +63,7 @@ fn run_of(job: u64, attempt: u32, max_attempts: u32) -> ToAgentMsg {
     ToAgentMsg::Run {
         job: JobId(job),
         attempt,
-        spec: Arc::new(JobSpec {
-            argv: vec!["sleep".into(), "60".into()],
-            env: BTreeMap::new(),
-            cwd: None,
-            labels: BTreeMap::new(),
-            kind: Kind::Sequential,
-            cpus: 1,
-            max_run_secs: 60,
-            queue_timeout_secs: None,
-            max_attempts,
-            idempotency_key: None,
-        }),
+        spec: Arc::new(JobSpec::for_test(&["sleep", "60"], max_attempts)),
     }
 }
 

@@ -72,6 +72,26 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
 }
 
+#[cfg(test)]
+impl JobSpec {
+    /// A sequential one-CPU job of `argv` with a minute's run limit, for
+    /// the tests of the layers that carry specs (hub, agent).
+    pub(crate) fn for_test(argv: &[&str], max_attempts: u32) -> JobSpec {
+        JobSpec {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            labels: BTreeMap::new(),
+            kind: Kind::Sequential,
+            cpus: 1,
+            max_run_secs: 60,
+            queue_timeout_secs: None,
+            max_attempts,
+            idempotency_key: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[serde(tag = "error", rename_all = "snake_case")]
 pub enum SubmitError {

@@ -163,7 +163,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{JobSpec, Kind, Transition as Step};
+    use crate::core::{JobSpec, Transition as Step};
 
     fn job(history: &[(u64, JobState)]) -> Job {
         Job {
@@ -171,18 +171,7 @@ mod tests {
             user: "ann".into(),
             plan: "basic".into(),
             priority: 0,
-            spec: Arc::new(JobSpec {
-                argv: vec!["true".into()],
-                env: BTreeMap::new(),
-                cwd: None,
-                labels: BTreeMap::new(),
-                kind: Kind::Sequential,
-                cpus: 1,
-                max_run_secs: 60,
-                queue_timeout_secs: None,
-                max_attempts: 1,
-                idempotency_key: None,
-            }),
+            spec: Arc::new(JobSpec::for_test(&["true"], 1)),
             state: history.last().map_or(JobState::Queued, |h| h.1),
             submitted_at: Millis(history.first().map_or(0, |h| h.0)),
             finished_at: None,
