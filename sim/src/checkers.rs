@@ -54,7 +54,8 @@ fn violation(checker: &'static str, at: u64, message: String) -> Violation {
 /// Capacity is conserved: the core's own invariants hold after every step,
 /// and no agent ever runs processes needing more CPUs than it has.
 struct Capacity {
-    cpus: u32,
+    /// Each agent's CPUs, by name.
+    cpus: BTreeMap<String, u32>,
     running: BTreeMap<String, BTreeMap<(u64, u32), u32>>,
 }
 
@@ -78,13 +79,13 @@ impl Checker for Capacity {
                 let on = self.running.entry(agent.clone()).or_default();
                 on.insert((*job, *attempt), *cpus);
                 let used: u32 = on.values().sum();
-                if used > self.cpus {
+                let has = self.cpus.get(agent).copied().unwrap_or(0);
+                if used > has {
                     out.push(violation(
                         "capacity",
                         e.at,
                         format!(
-                            "agent {agent} runs {used} CPUs of processes, it has {}: {:?}",
-                            self.cpus,
+                            "agent {agent} runs {used} CPUs of processes, it has {has}: {:?}",
                             on.keys().collect::<Vec<_>>()
                         ),
                     ));
@@ -474,11 +475,22 @@ impl Checker for AckedKept {
 }
 
 /// Fair-queue order within a user: a user's jobs of one kind start their
-/// first attempt in the order they were submitted (FIFO, no backfill).
+/// first attempt in the order they were submitted (FIFO, no backfill),
+/// except that a job larger than every connected agent may be passed. The
+/// checker follows the agents' connections from the core's events and
+/// their sizes from the topology; it does not take the core's word for
+/// which jobs were set aside.
 struct FairOrder {
     owner: BTreeMap<u64, (String, String)>,
+    /// CPUs each job asks for, by id.
+    cpus: BTreeMap<u64, u32>,
+    /// Each agent's CPUs, by name.
+    agent_cpus: BTreeMap<String, u32>,
+    /// Agents connected as the core's events tell it.
+    connected: BTreeMap<String, u32>,
+    /// Per (user, kind), jobs submitted and never dispatched, not ended.
+    waiting: BTreeMap<(String, String), BTreeSet<u64>>,
     dispatched: BTreeSet<u64>,
-    last: BTreeMap<(String, String), u64>,
 }
 
 impl Checker for FairOrder {
@@ -486,31 +498,65 @@ impl Checker for FairOrder {
         "fair-order"
     }
     fn observe(&mut self, e: &Entry, out: &mut Vec<Violation>) {
-        if let Ev::Core {
-            kind: EventKind::Dispatched,
-            job: Some(job),
-            attempt: Some(1),
-            ..
+        let Ev::Core {
+            kind, job, agent, ..
         } = &e.ev
-        {
-            // A redelivery of the same attempt is not a new decision.
-            let Some(key) = self.owner.get(job) else {
-                return;
-            };
-            if !self.dispatched.insert(*job) {
-                return;
+        else {
+            if matches!(e.ev, Ev::SupervisorDown) {
+                self.connected.clear();
             }
-            if let Some(last) = self.last.get(key).filter(|l| **l > *job) {
-                out.push(violation(
-                    self.name(),
-                    e.at,
-                    format!(
-                        "{} {} job {job} dispatched after job {last}, submitted later",
-                        key.0, key.1
-                    ),
-                ));
+            return;
+        };
+        match (kind, job, agent) {
+            (EventKind::AgentConnected, _, Some(agent)) => {
+                let cpus = self.agent_cpus.get(agent).copied().unwrap_or(0);
+                self.connected.insert(agent.clone(), cpus);
             }
-            self.last.insert(key.clone(), *job);
+            (
+                EventKind::AgentDisconnected | EventKind::AgentLost | EventKind::AgentClosed,
+                _,
+                Some(agent),
+            ) => {
+                self.connected.remove(agent);
+            }
+            (EventKind::Submitted, Some(job), _) => {
+                if let Some(key) = self.owner.get(job) {
+                    self.waiting.entry(key.clone()).or_default().insert(*job);
+                }
+            }
+            (EventKind::Ended, Some(job), _) => {
+                if let Some(key) = self.owner.get(job) {
+                    self.waiting.entry(key.clone()).or_default().remove(job);
+                }
+            }
+            (EventKind::Dispatched, Some(job), _) => {
+                // A redelivery or a later attempt is not a new decision.
+                let Some(key) = self.owner.get(job) else {
+                    return;
+                };
+                if !self.dispatched.insert(*job) {
+                    return;
+                }
+                let waiting = self.waiting.entry(key.clone()).or_default();
+                waiting.remove(job);
+                // An older job of the same user and kind may only be passed
+                // while it is larger than every connected agent.
+                let largest = self.connected.values().copied().max().unwrap_or(0);
+                for older in waiting.range(..*job) {
+                    let cpus = self.cpus.get(older).copied().unwrap_or(0);
+                    if cpus <= largest {
+                        out.push(violation(
+                            "fair-order",
+                            e.at,
+                            format!(
+                                "{} {} job {job} dispatched before job {older}, submitted earlier, whose {cpus} CPUs fit the largest connected agent's {largest}",
+                                key.0, key.1
+                            ),
+                        ));
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -770,10 +816,17 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
             _ => None,
         })
         .collect();
+    let cpus_by_name: BTreeMap<&str, u32> = scenario
+        .jobs
+        .iter()
+        .map(|j| (j.name.as_str(), j.cpus))
+        .collect();
     let max_latency_ms = max_latency_ms(scenario);
     let mut checkers: Vec<Box<dyn Checker + '_>> = vec![
         Box::new(Capacity {
-            cpus: scenario.topology.cpus,
+            cpus: (0..scenario.topology.agents)
+                .map(|a| (crate::scenario::agent_name(a), scenario.topology.cpus_of(a)))
+                .collect(),
             running: BTreeMap::new(),
         }),
         Box::new(SingleRun {
@@ -816,8 +869,19 @@ pub fn check(scenario: &Scenario, trace: &[Entry]) -> Vec<Violation> {
         }),
         Box::new(FairOrder {
             owner,
+            cpus: trace
+                .iter()
+                .filter_map(|e| match &e.ev {
+                    Ev::Acked { name, job } => cpus_by_name.get(name.as_str()).map(|c| (*job, *c)),
+                    _ => None,
+                })
+                .collect(),
+            agent_cpus: (0..scenario.topology.agents)
+                .map(|a| (crate::scenario::agent_name(a), scenario.topology.cpus_of(a)))
+                .collect(),
+            connected: BTreeMap::new(),
+            waiting: BTreeMap::new(),
             dispatched: BTreeSet::new(),
-            last: BTreeMap::new(),
         }),
         Box::new(Liveness { settled: None }),
         Box::new(outcome::Outcome::new(scenario, max_latency_ms)),

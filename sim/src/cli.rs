@@ -519,7 +519,7 @@ fn report(dir: &Path, seeds: u64, out: &Path) -> i32 {
                 let svg = foreman_sim::report::timeline(
                     &format!("{} (seed 1)", scenario.name),
                     scenario.topology.agents,
-                    scenario.topology.cpus,
+                    scenario.topology.cpus_max(),
                     &result.trace,
                 );
                 let path = timelines.join(format!("{}.svg", scenario.name));

@@ -14,7 +14,7 @@ use foreman::core::EventKind;
 use crate::trace::{Entry, Ev, ProcessEnd};
 
 /// Every rare event, with what it means.
-pub const ALL: [(&str, &str); 19] = [
+pub const ALL: [(&str, &str); 21] = [
     (
         "cancel-while-queued",
         "a cancel reached the core while the job waited for a slot",
@@ -91,6 +91,14 @@ pub const ALL: [(&str, &str); 19] = [
         "supervisor-restarted-with-live-jobs",
         "the supervisor went down while jobs held attempts",
     ),
+    (
+        "passed-a-job-set-aside",
+        "a job was dispatched while an older one waited aside, larger than every connected agent",
+    ),
+    (
+        "ran-after-set-aside",
+        "a job set aside (larger than every connected agent) was dispatched once one fit it",
+    ),
 ];
 
 pub fn is_known(name: &str) -> bool {
@@ -134,6 +142,8 @@ pub fn reached(trace: &[Entry]) -> BTreeMap<&'static str, usize> {
     // An agent back with attempts the core still holds on it: kept, unless
     // the same step gives them up.
     let mut kept_on: Option<String> = None;
+    // Jobs set aside and not dispatched since.
+    let mut aside: BTreeSet<u64> = BTreeSet::new();
     for (i, e) in trace.iter().enumerate() {
         // The reconnect's own step is over when an entry of another kind,
         // or of another instant, comes: were its attempts kept?
@@ -175,7 +185,16 @@ pub fn reached(trace: &[Entry]) -> BTreeMap<&'static str, usize> {
                             hit("requeue-after-grace");
                         }
                     }
+                    (EventKind::SetAside, Some(job)) => {
+                        aside.insert(*job);
+                    }
                     (EventKind::Dispatched, Some(job)) => {
+                        if aside.remove(job) {
+                            hit("ran-after-set-aside");
+                        }
+                        if !aside.is_empty() {
+                            hit("passed-a-job-set-aside");
+                        }
                         phase.insert(*job, Phase::Dispatched);
                         if let Some(agent) = agent {
                             agent_of.insert(*job, agent.clone());
@@ -185,6 +204,7 @@ pub fn reached(trace: &[Entry]) -> BTreeMap<&'static str, usize> {
                         phase.insert(*job, Phase::Running);
                     }
                     (EventKind::Ended, Some(job)) => {
+                        aside.remove(job);
                         if let Some(before) = phase.insert(*job, Phase::Ended) {
                             before_end.insert(*job, before);
                         }

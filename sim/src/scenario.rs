@@ -26,6 +26,9 @@ pub struct UserSpec {
 pub struct Topology {
     pub agents: usize,
     pub cpus: u32,
+    /// CPUs of the first agents, one by one (the rest have `cpus`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agent_cpus: Vec<u32>,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     /// The range one network message takes, in ms: `[min, max]`.
@@ -57,6 +60,7 @@ impl Default for Topology {
         Topology {
             agents: 2,
             cpus: 1,
+            agent_cpus: Vec::new(),
             ping_interval_ms: 500,
             ping_timeout_ms: 2_000,
             latency_ms: [1, 5],
@@ -67,6 +71,23 @@ impl Default for Topology {
             journal_segment_bytes: 65_536,
             core: toml::Table::new(),
         }
+    }
+}
+
+/// The name of agent number `i`, as it says hello.
+pub fn agent_name(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+impl Topology {
+    /// The CPUs of agent number `agent`.
+    pub fn cpus_of(&self, agent: usize) -> u32 {
+        self.agent_cpus.get(agent).copied().unwrap_or(self.cpus)
+    }
+
+    /// The CPUs of the largest agent.
+    pub fn cpus_max(&self) -> u32 {
+        (0..self.agents).map(|a| self.cpus_of(a)).max().unwrap_or(0)
     }
 }
 
@@ -420,6 +441,21 @@ impl Scenario {
                 ),
             ));
         }
+        if topology.agent_cpus.len() > topology.agents
+            || topology
+                .agent_cpus
+                .iter()
+                .any(|&c| c == 0 || c > core.agent_cpus_max)
+        {
+            return Err(at(
+                topo_span.clone(),
+                "topology.agent_cpus",
+                format!(
+                    "{:?}: at most one per agent, each between 1 and {}",
+                    topology.agent_cpus, core.agent_cpus_max
+                ),
+            ));
+        }
         if topology.ping_interval_ms == 0 || topology.ping_timeout_ms <= topology.ping_interval_ms {
             return Err(at(
                 topo_span.clone(),
@@ -571,13 +607,14 @@ impl Scenario {
                     format!("{:?}: sequential or parallel", j.kind),
                 ));
             }
-            if j.cpus == 0 || j.cpus > topology.cpus {
+            if j.cpus == 0 || j.cpus > topology.cpus_max() {
                 return Err(at(
                     span,
                     &field("cpus"),
                     format!(
-                        "{} cpus; between 1 and the agents' {}",
-                        j.cpus, topology.cpus
+                        "{} cpus; between 1 and the largest agent's {}",
+                        j.cpus,
+                        topology.cpus_max()
                     ),
                 ));
             }

@@ -5,6 +5,7 @@
 //! then runs on that seed too).
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::runner::KILL_GRACE_MS;
@@ -176,6 +177,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
     let topology = Topology {
         agents: AGENTS,
         cpus,
+        agent_cpus: Vec::new(),
         ping_interval_ms: 500,
         ping_timeout_ms: 2_000,
         latency_ms: [1, 5],
@@ -352,8 +354,26 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
     if journal {
         topology.journal_segment_bytes = rng.random_range(4_096..=262_144);
     }
+    // Agents of different sizes: a job larger than every agent still
+    // connected steps aside, and goes back in line when a large one
+    // returns. Two agents keep the largest size, so one lost for good
+    // leaves every job somewhere to run.
+    let mixed_sizes = cpus > 1 && rng.random_bool(0.3);
+    if mixed_sizes {
+        let mut sizes: Vec<u32> = (0..AGENTS)
+            .map(|i| {
+                if i < 2 {
+                    cpus
+                } else {
+                    rng.random_range(1..cpus)
+                }
+            })
+            .collect();
+        sizes.shuffle(&mut rng);
+        topology.agent_cpus = sizes;
+    }
     let summary = format!(
-        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults} rich_output={rich_output} tail_bytes={} journal_bytes={}",
+        "SEED={seed} agents={AGENTS} cpus={cpus} users={} jobs={job_count} hang={hang_rate} fail={fail_rate} retry={retry_rate:.2} long={long_rate} faults=[{}] grace_ms={} loss={} timings={} outages={} slow_deaths={slow_deaths} printing={printing} rebooting={rebooting} lost_for_good={lost_for_good} commit_ms={} client_faults={client_faults} rich_output={rich_output} tail_bytes={} journal_bytes={} agent_cpus={:?}",
         users.len(),
         on.join(" "),
         topology.core["agent_grace_ms"],
@@ -363,6 +383,7 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
         topology.commit_ms,
         topology.output_tail_bytes,
         topology.journal_segment_bytes,
+        topology.agent_cpus,
     );
     // Everything must settle within two minutes of the plan's end plus the
     // time the work would take run one job at a time (plan caps can

@@ -172,7 +172,7 @@ impl World {
                     supervisor: SocketAddr::new(ip(1), AGENT_PORT).to_string(),
                     token: AGENT_TOKEN.to_string(),
                     agent_id: name.clone(),
-                    cpus: topology.cpus,
+                    cpus: topology.cpus_of(i),
                     labels: Default::default(),
                     work_dir: PathBuf::from("/nonexistent/sim"),
                     reconnect_min_ms: 100,
@@ -272,9 +272,7 @@ impl World {
     }
 }
 
-pub fn agent_name(i: usize) -> String {
-    format!("agent-{i}")
-}
+pub use crate::scenario::agent_name;
 
 /// Old journal segments the simulated supervisor keeps.
 const JOURNAL_SEGMENTS: usize = 8;

@@ -8,13 +8,14 @@ use foreman_sim::play::{run, Verdict};
 use foreman_sim::scenario::Scenario;
 use foreman_sim::trace::{first_divergence, summary};
 
-const NAMED: [&str; 14] = [
+const NAMED: [&str; 15] = [
     "agent-loss",
     "agent-pause",
     "cancel-during-allocation",
     "cancel-races-completion",
     "crash-during-commit",
     "duplicate-agent",
+    "job-larger-than-every-agent",
     "lossy-network",
     "output-capture",
     "reconnect-storm",

@@ -86,13 +86,19 @@ enum Command {
 enum UserCommand {
     /// Create a user and print their token (shown once).
     Add {
+        /// 1 to 64 characters: lowercase letters, digits, '_', '.' and '-',
+        /// starting with a letter or '_' (a name an operating system takes too).
         name: String,
+        /// One of the plans of the configuration (`[core.plans]`).
         #[arg(long, default_value = "basic")]
         plan: String,
         #[arg(long)]
         admin: bool,
         #[arg(long, env = "FOREMAN_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// The supervisor's configuration file, for its plans.
+        #[arg(long, env = "FOREMAN_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -283,8 +289,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     plan,
                     admin,
                     data_dir,
+                    config,
                 },
-        } => user_add(name, plan, admin, data_dir),
+        } => user_add(name, plan, admin, data_dir, config),
     }
 }
 
@@ -336,16 +343,20 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
-    init_logs();
-    let file: ConfigFile = match &args.config {
+fn config_file(path: Option<&Path>) -> Result<ConfigFile, String> {
+    match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("config {}: {e}", path.display()))?;
-            toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?
+            toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
         }
-        None => ConfigFile::default(),
-    };
+        None => Ok(ConfigFile::default()),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
+    init_logs();
+    let file = config_file(args.config.as_deref())?;
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -736,13 +747,39 @@ async fn watch(id: u64, args: ClientArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// A user name: what a person types, what a log shows, and what an
+/// operating system would accept as an account name.
+fn valid_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 64
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c))
+}
+
 fn user_add(
     name: String,
     plan: String,
     admin: bool,
     data_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
-    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+    if !valid_user_name(&name) {
+        return Err(format!(
+            "user name {name:?} is not valid: 1 to 64 characters, lowercase letters, digits, '_', '.' and '-', starting with a letter or '_'"
+        ));
+    }
+    let file = config_file(config.as_deref())?;
+    let plans = file.core.unwrap_or_default().plans;
+    if !plans.contains_key(&plan) {
+        let known: Vec<&str> = plans.keys().map(String::as_str).collect();
+        return Err(format!(
+            "unknown plan {plan:?}: the configuration has {}",
+            known.join(", ")
+        ));
+    }
+    let data_dir = data_dir.or(file.data_dir).unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
     let mut store = Store::open(&data_dir.join("foreman.db")).map_err(|e| e.to_string())?;

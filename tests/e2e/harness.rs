@@ -38,18 +38,32 @@ pub struct Supervisor {
     pub api: String,
     pub agent: String,
     pub admin: Client,
+    /// Extra `foreman serve` arguments, kept across restarts.
+    pub extra: Vec<String>,
 }
 
 impl Supervisor {
     /// A supervisor with `local_agents` agents, fast pings and a short grace.
     pub async fn start(local_agents: u32) -> Supervisor {
+        Supervisor::start_with(local_agents, None).await
+    }
+
+    /// The same, with `config` as its configuration file.
+    pub async fn start_with(local_agents: u32, config: Option<&str>) -> Supervisor {
         let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut extra = Vec::new();
+        if let Some(config) = config {
+            let path = data_dir.path().join("config.toml");
+            std::fs::write(&path, config).expect("config file");
+            extra = vec!["--config".to_string(), path.display().to_string()];
+        }
         let mut supervisor = Supervisor {
             data_dir,
             process: None,
             api: String::new(),
             agent: String::new(),
             admin: Client::new("", ""),
+            extra,
         };
         supervisor
             .launch(local_agents, "127.0.0.1:0", "127.0.0.1:0")
@@ -91,6 +105,7 @@ impl Supervisor {
             ])
             .arg("--data-dir")
             .arg(self.path())
+            .args(&self.extra)
             .env("FOREMAN_LOG", "info")
             .env("FOREMAN_DATA_DIR", self.path())
             .stdout(Stdio::null())
@@ -127,6 +142,7 @@ impl Supervisor {
         let output = Command::new(FOREMAN)
             .args(["user", "add", name, "--plan", plan, "--data-dir"])
             .arg(self.path())
+            .args(&self.extra)
             .output()
             .expect("foreman user add runs");
         assert!(

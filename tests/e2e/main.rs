@@ -5,6 +5,7 @@
 mod agents;
 mod harness;
 mod hostile;
+mod many_users;
 
 use std::time::Duration;
 

@@ -460,3 +460,64 @@ fn outcome_the_output_tail_is_the_last_bytes_from_the_first_whole_character() {
     );
     assert_eq!(output_tail("\u{e9}", 1), "");
 }
+
+#[test]
+fn fair_order_a_job_may_pass_an_older_one_only_while_no_connected_agent_fits_it() {
+    let text = "[topology]\nagents = 2\nagent_cpus = [1, 2]\njournal_segment_bytes = 0\n\n\
+        [[jobs]]\nname = \"wide\"\ncpus = 2\nduration_ms = 1000\n\n\
+        [[jobs]]\nname = \"small\"\nat_ms = 10\nduration_ms = 1000\n";
+    let s = Scenario::parse("test.toml", "test", text).unwrap_or_else(|e| panic!("{e}"));
+    let event = |t: u64, kind: EventKind, job: u64| {
+        at(
+            t,
+            Ev::Core {
+                kind,
+                job: Some(job),
+                attempt: (kind == EventKind::Dispatched).then_some(1),
+                agent: (kind == EventKind::Dispatched).then(|| "agent-0".to_string()),
+                reason: String::new(),
+            },
+        )
+    };
+    // Wide (job 1) waits; small (job 2) is dispatched past it.
+    let trace = |agents: &[&str]| {
+        let mut trace: Vec<Entry> = agents.iter().map(|a| connected(1, a)).collect();
+        trace.extend([
+            event(5, EventKind::Submitted, 1),
+            at(
+                6,
+                Ev::Acked {
+                    name: "wide".into(),
+                    job: 1,
+                },
+            ),
+            event(10, EventKind::Submitted, 2),
+            at(
+                11,
+                Ev::Acked {
+                    name: "small".into(),
+                    job: 2,
+                },
+            ),
+            event(12, EventKind::Dispatched, 2),
+        ]);
+        trace
+    };
+    // Only the one-CPU agent is connected: wide fits nothing, may be passed.
+    assert_eq!(
+        by("fair-order", &check(&s, &trace(&["agent-0"]))),
+        Vec::<String>::new()
+    );
+    // The two-CPU agent is connected: passing wide breaks FIFO.
+    let found = by("fair-order", &check(&s, &trace(&["agent-0", "agent-1"])));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("job 2 dispatched before job 1, submitted earlier, whose 2 CPUs fit the largest connected agent's 2"),
+        "{}",
+        found[0]
+    );
+    // Connected, then gone again before the dispatch: may be passed.
+    let mut gone = trace(&["agent-0", "agent-1"]);
+    gone.insert(2, disconnected(2, "agent-1", "closed"));
+    assert_eq!(by("fair-order", &check(&s, &gone)), Vec::<String>::new());
+}

@@ -60,6 +60,8 @@ pub struct Agents {
     map: BTreeMap<AgentId, Agent>,
     /// (free CPUs, agent) for connected agents only.
     free: BTreeSet<(u32, AgentId)>,
+    /// Connected agents by CPUs: size → how many.
+    sizes: BTreeMap<u32, usize>,
 }
 
 impl Agents {
@@ -80,10 +82,12 @@ impl Agents {
         let agent = self.map.get_mut(id)?;
         if agent.conn().is_some() {
             self.free.remove(&(agent.free_cpus(), agent.id.clone()));
+            size_out(&mut self.sizes, agent.cpus);
         }
         let result = change(agent);
         if agent.conn().is_some() {
             self.free.insert((agent.free_cpus(), agent.id.clone()));
+            *self.sizes.entry(agent.cpus).or_default() += 1;
         }
         Some(result)
     }
@@ -97,6 +101,7 @@ impl Agents {
         );
         if agent.conn().is_some() {
             self.free.insert((agent.free_cpus(), agent.id.clone()));
+            *self.sizes.entry(agent.cpus).or_default() += 1;
         }
         self.map.insert(agent.id.clone(), agent);
     }
@@ -105,8 +110,14 @@ impl Agents {
         let agent = self.map.remove(id)?;
         if agent.conn().is_some() {
             self.free.remove(&(agent.free_cpus(), agent.id.clone()));
+            size_out(&mut self.sizes, agent.cpus);
         }
         Some(agent)
+    }
+
+    /// The CPUs of the largest connected agent; `None` with none connected.
+    pub fn largest(&self) -> Option<u32> {
+        self.sizes.keys().next_back().copied()
     }
 
     /// The connected agent with the fewest free CPUs that still has `cpus` free.
@@ -129,9 +140,24 @@ impl Agents {
             expected, self.free,
             "free-CPU index out of step with agents"
         );
+        let mut sizes = BTreeMap::new();
+        for agent in self.map.values().filter(|a| a.conn().is_some()) {
+            *sizes.entry(agent.cpus).or_insert(0) += 1;
+        }
+        assert_eq!(sizes, self.sizes, "size index out of step with agents");
         for (id, agent) in &self.map {
             assert_eq!(id, &agent.id);
         }
+    }
+}
+
+fn size_out(sizes: &mut BTreeMap<u32, usize>, cpus: u32) {
+    let count = sizes
+        .get_mut(&cpus)
+        .expect("a connected agent's size is indexed");
+    *count -= 1;
+    if *count == 0 {
+        sizes.remove(&cpus);
     }
 }
 
@@ -157,8 +183,13 @@ mod tests {
         });
         agents.check();
         assert_eq!(agents.best_fit(2), Some(&AgentId::new("a1")));
+        assert_eq!(agents.largest(), Some(2));
+        let mut lost_size = agents.clone();
         agents.free.clear();
         let message = panic_message("a lost index entry", || agents.check());
         assert!(message.contains("free-CPU index out of step"), "{message}");
+        lost_size.sizes.clear();
+        let message = panic_message("a lost size", || lost_size.check());
+        assert!(message.contains("size index out of step"), "{message}");
     }
 }

@@ -25,8 +25,16 @@ pub struct KindLimits {
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub priority: u8,
+    /// How many jobs, of both kinds, one user may have waiting in the queue;
+    /// a submission past it is refused (HTTP 429) and loses nothing queued.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u32,
     pub sequential: KindLimits,
     pub parallel: KindLimits,
+}
+
+fn default_max_queued() -> u32 {
+    10_000
 }
 
 impl Plan {
@@ -115,6 +123,7 @@ impl Default for CoreConfig {
     fn default() -> Self {
         let basic = Plan {
             priority: 0,
+            max_queued: 1_000,
             sequential: KindLimits {
                 max_running: 4,
                 max_run_secs_limit: 3600,
@@ -128,6 +137,7 @@ impl Default for CoreConfig {
         };
         let premium = Plan {
             priority: 10,
+            max_queued: default_max_queued(),
             sequential: KindLimits {
                 max_running: 8,
                 max_run_secs_limit: 7 * 24 * 3600,

@@ -191,6 +191,13 @@ impl Core {
             "timers for things that are gone"
         );
 
+        // Each user's count of waiting jobs is the count of its queued jobs.
+        let mut waiting = vec![0u32; p.waiting.len()];
+        for job in p.jobs.values().filter(|j| j.state == JobState::Queued) {
+            waiting[job.user_key.index()] += 1;
+        }
+        assert_eq!(waiting, p.waiting, "waiting jobs per user out of step");
+
         // Fair and work-conserving: after a step the head of each queue is a
         // user under its cap whose job does not fit, and parked users are at
         // their cap.
@@ -215,6 +222,22 @@ impl Core {
                     !fits,
                     "{kind} head job {} fits but was left waiting",
                     head.job
+                );
+            }
+            // A job set aside is larger than every connected agent; one
+            // that an agent fits went back in line.
+            if let (Some((cpus, id)), Some(largest)) = (queue.smallest_aside(), p.agents.largest())
+            {
+                assert!(
+                    cpus > largest,
+                    "{kind} job {id} needs {cpus} CPUs, fits a connected agent of {largest}, and was left aside"
+                );
+            }
+            for id in queue.aside_jobs() {
+                assert_eq!(
+                    queue.aside_cpus(id),
+                    Some(p.jobs[&id].spec.cpus),
+                    "job {id} set aside under the wrong size"
                 );
             }
             for (priority, user, id) in queue.entries() {

@@ -223,6 +223,8 @@ pub enum EventKind {
     StopRequested,
     AttemptReleased,
     Requeued,
+    /// A queued job stepped out of line: no connected agent is large enough.
+    SetAside,
     Ended,
     CancelRequested,
     StaleReport,
@@ -235,7 +237,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 17] = [
+    pub const ALL: [EventKind; 18] = [
         EventKind::Submitted,
         EventKind::Rejected,
         EventKind::Dispatched,
@@ -244,6 +246,7 @@ impl EventKind {
         EventKind::StopRequested,
         EventKind::AttemptReleased,
         EventKind::Requeued,
+        EventKind::SetAside,
         EventKind::Ended,
         EventKind::CancelRequested,
         EventKind::StaleReport,

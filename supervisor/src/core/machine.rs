@@ -68,9 +68,11 @@ pub struct Core {
     user_names: Vec<Arc<str>>,
     /// Attempts each user holds, by kind.
     held: Vec<[u32; 2]>,
+    /// Jobs each user has waiting in the queue, both kinds.
+    waiting: Vec<u32>,
     agents: Agents,
     timers: Timers,
-    idempotency: BTreeMap<(Arc<str>, String), (JobId, Millis)>,
+    idempotency: Idempotency,
     idempotency_expiry: VecDeque<(Millis, Arc<str>, String)>,
     next_job: u64,
     /// Jobs whose record changed in this step, each once.
@@ -95,6 +97,7 @@ impl Core {
             users: BTreeMap::new(),
             user_names: Vec::new(),
             held: Vec::new(),
+            waiting: Vec::new(),
             agents: Agents::default(),
             timers: Timers::default(),
             idempotency: BTreeMap::new(),
@@ -178,7 +181,13 @@ impl Core {
                     .plans
                     .get(&*job.plan)
                     .map(|p| p.limits(job.kind()));
-                if self.queues[job.kind().index()].is_parked(job.priority, job.user_key) {
+                let queue = &self.queues[job.kind().index()];
+                if let Some(cpus) = queue.aside_cpus(id) {
+                    let largest = self.agents.largest().unwrap_or(0);
+                    format!(
+                        "needs {cpus} CPUs; the largest connected agent has {largest}: waiting out of line for one that fits"
+                    )
+                } else if queue.is_parked(job.priority, job.user_key) {
                     let cap = limits.map_or(0, |l| l.max_running);
                     format!(
                         "waiting for one of your running {} jobs to end (plan {} allows {cap}), position {position}",
@@ -291,15 +300,30 @@ impl Core {
             })?;
         let priority = plan.priority;
         let job_spec = spec::validate(&self.config, &plan_name, plan, submitted)?;
+        let digest = job_spec.idempotency_key.as_ref().map(|_| job_spec.digest());
         if let Some(key) = &job_spec.idempotency_key {
-            if let Some((job, _)) = self.idempotency.get(&(user.clone(), key.clone())) {
+            if let Some((job, _, first)) = self.idempotency.get(&(user.clone(), key.clone())) {
+                if first.is_some_and(|first| Some(first) != digest) {
+                    return Err(SubmitError::IdempotencyConflict {
+                        key: spec::truncated(key, 64),
+                        job: *job,
+                    });
+                }
                 return Ok((*job, true));
             }
+        }
+        let waiting = self.user_key(&user).map_or(0, |k| self.waiting[k.index()]);
+        if waiting >= plan.max_queued {
+            return Err(SubmitError::TooManyQueued {
+                queued: waiting,
+                max: plan.max_queued,
+                plan: plan_name.to_string(),
+            });
         }
         let id = JobId(self.next_job);
         self.next_job += 1;
         if let Some(key) = &job_spec.idempotency_key {
-            self.remember_key(user.clone(), key.clone(), id, self.now);
+            self.remember_key(user.clone(), key.clone(), id, self.now, digest);
         }
         let job = Job {
             id,
@@ -328,6 +352,7 @@ impl Core {
         let kind = job.kind();
         let key = self.intern(&user);
         self.queues[kind.index()].push(priority, key, id);
+        self.waiting[key.index()] += 1;
         self.jobs.insert(
             id,
             Live {
@@ -350,7 +375,14 @@ impl Core {
         Ok((id, false))
     }
 
-    fn remember_key(&mut self, user: Arc<str>, key: String, job: JobId, submitted_at: Millis) {
+    fn remember_key(
+        &mut self,
+        user: Arc<str>,
+        key: String,
+        job: JobId,
+        submitted_at: Millis,
+        digest: Option<u64>,
+    ) {
         let expires = submitted_at.plus_secs(self.config.idempotency_window_secs);
         if expires <= self.now {
             return;
@@ -359,11 +391,11 @@ impl Core {
         if self
             .idempotency
             .get(&map_key)
-            .is_some_and(|(first, _)| *first < job)
+            .is_some_and(|(first, _, _)| *first < job)
         {
             return; // the key names the first job that used it
         }
-        self.idempotency.insert(map_key, (job, expires));
+        self.idempotency.insert(map_key, (job, expires, digest));
         self.idempotency_expiry.push_back((expires, user, key));
     }
 
@@ -377,7 +409,7 @@ impl Core {
             if self
                 .idempotency
                 .get(&map_key)
-                .is_some_and(|(_, e)| *e == expires)
+                .is_some_and(|(_, e, _)| *e == expires)
             {
                 self.idempotency.remove(&map_key);
             }
@@ -438,11 +470,20 @@ impl Core {
     // ---- scheduling --------------------------------------------------------
 
     /// Grants queued jobs while the head of each kind's queue fits: a CPU pool
-    /// share, the user's plan cap and CPUs on one agent, all or nothing. The
-    /// head that does not fit blocks its kind (no backfill), so a large job is
-    /// never starved by a stream of small ones.
+    /// share, the user's plan cap and CPUs on one agent, all or nothing.
+    ///
+    /// The head that does not fit blocks its kind (no backfill), so a large
+    /// job is never starved by a stream of small ones: it holds its place
+    /// until CPUs free up. One exception: a head larger than every connected
+    /// agent could wait forever, so it steps aside and the jobs behind it go
+    /// on; when an agent it fits connects it goes back to its place among
+    /// its user's jobs, and blocks again until it fits.
     fn schedule(&mut self) {
+        let largest = self.agents.largest();
         for kind in Kind::ALL {
+            if let Some(largest) = largest {
+                self.queues[kind.index()].bring_back(largest);
+            }
             while let Some(head) = self.queues[kind.index()].head() {
                 let job = &self.jobs[&head.job];
                 let cpus = job.spec.cpus;
@@ -454,6 +495,14 @@ impl Core {
                 let held = self.held[head.user.index()][kind.index()];
                 if held >= cap {
                     self.queues[kind.index()].park_head(&head);
+                    continue;
+                }
+                if let Some(largest) = largest.filter(|largest| cpus > *largest) {
+                    self.queues[kind.index()].set_aside(&head, cpus);
+                    let reason = format!(
+                        "needs {cpus} CPUs; the largest connected agent has {largest}: jobs behind it go first"
+                    );
+                    self.event(Some(head.job), None, None, EventKind::SetAside, reason);
                     continue;
                 }
                 let pool_free = self
@@ -1118,12 +1167,19 @@ impl Core {
         if reason.len() > self.config.reason_bytes_max {
             reason = Arc::from(spec::truncated(&reason, self.config.reason_bytes_max));
         }
-        let job = Arc::make_mut(&mut self.jobs.get_mut(&id).expect("job exists").job);
+        let live = self.jobs.get_mut(&id).expect("job exists");
+        let user = live.user_key.index();
+        let job = Arc::make_mut(&mut live.job);
         assert!(
             !job.state.is_terminal(),
             "job {id}: terminal state {} cannot become {state}",
             job.state
         );
+        match (job.state == JobState::Queued, state == JobState::Queued) {
+            (true, false) => self.waiting[user] -= 1,
+            (false, true) => self.waiting[user] += 1,
+            _ => {}
+        }
         job.state = state;
         job.reason = reason.clone();
         job.history.push(Transition {
@@ -1157,6 +1213,7 @@ impl Core {
         self.users.insert(name.clone(), key);
         self.user_names.push(name.clone());
         self.held.push([0, 0]);
+        self.waiting.push(0);
         key
     }
 
@@ -1235,6 +1292,7 @@ impl Core {
             queues: &self.queues,
             pool_used: &self.pool_used,
             held: &self.held,
+            waiting: &self.waiting,
             user_names: &self.user_names,
             idempotency: &self.idempotency,
             idempotency_expiry: &self.idempotency_expiry,
@@ -1283,6 +1341,9 @@ impl Core {
             let (agent, cpus, kind) = (attempt.agent.clone(), attempt.cpus, live.job.kind());
             self.hold(&agent, id, live.user_key, kind, cpus);
         }
+        if live.job.state == JobState::Queued {
+            self.waiting[live.user_key.index()] += 1;
+        }
         self.jobs.insert(id, live);
         Ok(())
     }
@@ -1297,9 +1358,10 @@ impl Core {
         key: String,
         job: JobId,
         expires: Millis,
+        digest: Option<u64>,
     ) {
         self.idempotency
-            .insert((user.clone(), key.clone()), (job, expires));
+            .insert((user.clone(), key.clone()), (job, expires, digest));
         self.idempotency_expiry.push_back((expires, user, key));
     }
 
@@ -1326,7 +1388,14 @@ impl Core {
         for job in records {
             check_record(&core.config, &job, core.next_job)?;
             if let Some(key) = &job.spec.idempotency_key {
-                core.remember_key(job.user.clone(), key.clone(), job.id, job.submitted_at);
+                let digest = Some(job.spec.digest());
+                core.remember_key(
+                    job.user.clone(),
+                    key.clone(),
+                    job.id,
+                    job.submitted_at,
+                    digest,
+                );
             }
             if job.state.is_terminal() && job.held().is_none() {
                 continue;
@@ -1339,6 +1408,7 @@ impl Core {
             let user = core.intern(&job.user);
             if job.state == JobState::Queued {
                 core.queues[kind.index()].push(job.priority, user, id);
+                core.waiting[user.index()] += 1;
             }
             if let Some(attempt) = job.held() {
                 let agent = attempt.agent.clone();
@@ -1527,14 +1597,19 @@ impl std::fmt::Display for Described<'_> {
 }
 
 /// Read-only view of the core's internals, for `check_invariants`.
+/// (user, key) → the first job, when the key expires, and the digest of
+/// its spec (`None` from an old snapshot: any body matches).
+pub(super) type Idempotency = BTreeMap<(Arc<str>, String), (JobId, Millis, Option<u64>)>;
+
 pub(super) struct Parts<'a> {
     pub config: &'a CoreConfig,
     pub jobs: &'a JobTable,
     pub queues: &'a [FairQueue; 2],
     pub pool_used: &'a [u32; 2],
     pub held: &'a [[u32; 2]],
+    pub waiting: &'a [u32],
     pub user_names: &'a [Arc<str>],
-    pub idempotency: &'a BTreeMap<(Arc<str>, String), (JobId, Millis)>,
+    pub idempotency: &'a Idempotency,
     pub idempotency_expiry: &'a VecDeque<(Millis, Arc<str>, String)>,
     pub agents: &'a Agents,
     pub timers: &'a Timers,

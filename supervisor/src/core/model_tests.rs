@@ -61,6 +61,9 @@ struct World {
     /// The attempt of each job an agent was told to run and has not ended.
     live_runs: BTreeMap<JobId, (String, u32)>,
     restarts: u64,
+    /// First dispatches that passed an older job of the same user set aside
+    /// (larger than every connected agent).
+    overtakes: u64,
     /// Off for replay tests: a restart is not an input.
     allow_restart: bool,
 }
@@ -86,6 +89,7 @@ impl World {
             canceled: BTreeSet::new(),
             live_runs: BTreeMap::new(),
             restarts: 0,
+            overtakes: 0,
             allow_restart: true,
         }
     }
@@ -360,6 +364,13 @@ impl World {
                 Effect::Send { agent, conn, msg } => {
                     let name = agent.to_string();
                     let current = self.h.conns.get(&name) == Some(conn);
+                    let largest = self
+                        .agents
+                        .values()
+                        .filter(|a| a.connected)
+                        .map(|a| a.cpus)
+                        .max()
+                        .unwrap_or(0);
                     let model = self.agents.get_mut(name.as_str()).expect("known agent");
                     if !current || !model.connected {
                         continue;
@@ -370,6 +381,7 @@ impl World {
                                 !self.canceled.contains(job),
                                 "canceled job {job} dispatched again"
                             );
+                            let redelivery = self.live_runs.contains_key(job);
                             if let Some((other, n)) = self.live_runs.get(job) {
                                 // The same attempt to the same agent is a redelivery.
                                 assert!(
@@ -380,13 +392,19 @@ impl World {
                             self.live_runs.insert(*job, (name.clone(), *attempt));
                             let store = &self.h.store;
                             let record = &store[job];
-                            if *attempt == 1 {
+                            if *attempt == 1 && !redelivery {
                                 // FIFO within a user: no older job of the same user, kind and
-                                // priority still waits without ever having run.
+                                // priority still waits without ever having run, unless it is
+                                // larger than every connected agent (it stepped aside).
                                 for older in store.values().filter(|j| j.id < *job) {
                                     let same = older.user == record.user
                                         && older.kind() == record.kind()
                                         && older.priority == record.priority;
+                                    if older.spec.cpus > largest {
+                                        self.overtakes +=
+                                            u64::from(same && older.state == JobState::Queued);
+                                        continue;
+                                    }
                                     assert!(
                                         !(same
                                             && older.state == JobState::Queued
@@ -551,6 +569,7 @@ struct Coverage {
     events: BTreeMap<EventKind, u64>,
     ends: BTreeMap<JobState, u64>,
     restarts: u64,
+    overtakes: u64,
 }
 
 fn run_sequence(seed: u64, coverage: &mut Coverage) {
@@ -560,6 +579,7 @@ fn run_sequence(seed: u64, coverage: &mut Coverage) {
     }
     world.drain();
     coverage.restarts += world.restarts;
+    coverage.overtakes += world.overtakes;
     for effect in &world.h.log {
         match effect {
             Effect::Event(ev) => *coverage.events.entry(ev.kind).or_default() += 1,
@@ -593,8 +613,8 @@ fn model_random_sequences_keep_every_invariant() {
         }
     }
     println!(
-        "model coverage over {sequences} sequences: events {:?}, ends {:?}, restarts {}",
-        coverage.events, coverage.ends, coverage.restarts
+        "model coverage over {sequences} sequences: events {:?}, ends {:?}, restarts {}, overtakes of a job set aside {}",
+        coverage.events, coverage.ends, coverage.restarts, coverage.overtakes
     );
     if sequences >= 1_000 {
         // Every kind but a refused hello, which this generator never sends.
@@ -610,6 +630,10 @@ fn model_random_sequences_keep_every_invariant() {
         assert!(
             coverage.restarts > 0,
             "no sequence restarted the supervisor"
+        );
+        assert!(
+            coverage.overtakes > 0,
+            "no job was dispatched past an older one set aside"
         );
         for state in [
             JobState::Succeeded,

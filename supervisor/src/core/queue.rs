@@ -5,6 +5,10 @@
 //! removing the entry is all a cancel has to do. Users whose plan cap is
 //! reached are parked out of the ring, so one scheduling decision looks at
 //! one user's head, never at the whole queue.
+//!
+//! A job larger than every connected agent steps out of line ("aside") so it
+//! does not block the jobs behind it; when an agent it fits connects, it goes
+//! back to its place among its user's jobs and the usual rule holds again.
 
 use super::types::{JobId, UserKey};
 use std::cmp::Reverse;
@@ -33,12 +37,61 @@ pub struct Head {
 #[derive(Clone, Debug, Default)]
 pub struct FairQueue {
     levels: BTreeMap<Reverse<u8>, Level>,
+    /// Jobs set aside, smallest first: (CPUs, job) → (priority, user).
+    aside: BTreeMap<(u32, JobId), (u8, UserKey)>,
+    aside_cpus: BTreeMap<JobId, u32>,
+    /// Every waiting job, in line or aside.
     len: usize,
 }
 
 impl FairQueue {
+    /// Every waiting job, in line or aside.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Takes the head out of line: it needs more CPUs than any connected
+    /// agent has. Its user keeps its turn with its next job.
+    pub fn set_aside(&mut self, head: &Head, cpus: u32) {
+        let removed = self.remove(head.priority, head.user, head.job);
+        assert!(removed, "head job {} not in line", head.job);
+        self.put_aside(head.priority, head.user, head.job, cpus);
+    }
+
+    /// Adds a waiting job straight to the jobs set aside (a snapshot's).
+    pub fn put_aside(&mut self, priority: u8, user: UserKey, job: JobId, cpus: u32) {
+        let fresh = self.aside_cpus.insert(job, cpus).is_none();
+        assert!(fresh, "job {job} set aside twice");
+        self.aside.insert((cpus, job), (priority, user));
+        self.len += 1;
+    }
+
+    /// Puts back in line every job set aside that needs at most `cpus`.
+    pub fn bring_back(&mut self, cpus: u32) {
+        while let Some(entry) = self.aside.first_entry() {
+            if entry.key().0 > cpus {
+                break;
+            }
+            let ((_, job), (priority, user)) = entry.remove_entry();
+            self.aside_cpus.remove(&job);
+            self.len -= 1;
+            self.push(priority, user, job);
+        }
+    }
+
+    /// The CPUs of a job set aside; `None` if it is in line or not here.
+    pub fn aside_cpus(&self, job: JobId) -> Option<u32> {
+        self.aside_cpus.get(&job).copied()
+    }
+
+    /// The smallest job set aside: (CPUs, job).
+    pub fn smallest_aside(&self) -> Option<(u32, JobId)> {
+        self.aside.keys().next().copied()
+    }
+
+    /// The jobs set aside, by id.
+    pub fn aside_jobs(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.aside_cpus.keys().copied()
     }
 
     /// Adds `job` in id order among the user's jobs (a requeued job goes back
@@ -57,8 +110,13 @@ impl FairQueue {
         self.len += 1;
     }
 
-    /// Removes a waiting job; false if it was not here.
+    /// Removes a waiting job, in line or aside; false if it was not here.
     pub fn remove(&mut self, priority: u8, user: UserKey, job: JobId) -> bool {
+        if let Some(cpus) = self.aside_cpus.remove(&job) {
+            self.aside.remove(&(cpus, job));
+            self.len -= 1;
+            return true;
+        }
         let Some(level) = self.levels.get_mut(&Reverse(priority)) else {
             return false;
         };
@@ -182,14 +240,18 @@ impl FairQueue {
     }
 
     /// Every waiting job with its priority and user, level by level, in
-    /// per-user FIFO order (for invariant checks and restore tests).
+    /// per-user FIFO order, then the jobs set aside (for invariant checks
+    /// and restore tests).
     pub fn entries(&self) -> impl Iterator<Item = (u8, UserKey, JobId)> + '_ {
-        self.levels.iter().flat_map(|(Reverse(p), level)| {
-            level
-                .jobs
-                .iter()
-                .flat_map(move |(user, jobs)| jobs.iter().map(move |j| (*p, *user, *j)))
-        })
+        self.levels
+            .iter()
+            .flat_map(|(Reverse(p), level)| {
+                level
+                    .jobs
+                    .iter()
+                    .flat_map(move |(user, jobs)| jobs.iter().map(move |j| (*p, *user, *j)))
+            })
+            .chain(self.aside.iter().map(|((_, j), (p, u))| (*p, *u, *j)))
     }
 
     /// The queue's own consistency; panics on a violation.
@@ -217,6 +279,11 @@ impl FairQueue {
             assert_eq!(len, level.len, "level {p} length");
             total += len;
         }
+        assert_eq!(self.aside.len(), self.aside_cpus.len(), "aside index");
+        for (cpus, job) in self.aside.keys() {
+            assert_eq!(self.aside_cpus.get(job), Some(cpus), "aside index");
+        }
+        total += self.aside.len();
         assert_eq!(total, self.len, "queue length");
     }
 }

@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub agents: Vec<AgentRecord>,
     /// Per kind (sequential, parallel), each level's order.
     pub queues: Vec<Vec<LevelRecord>>,
+    /// Per kind, the queued jobs set aside: larger than every connected agent.
+    #[serde(default, skip_serializing_if = "no_aside")]
+    pub aside: Vec<Vec<JobId>>,
     /// In expiry order.
     pub idempotency: Vec<IdempotencyRecord>,
 }
@@ -57,6 +60,13 @@ pub struct IdempotencyRecord {
     pub key: String,
     pub job: JobId,
     pub expires: Millis,
+    /// The digest of the first job's spec (absent in older snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<u64>,
+}
+
+fn no_aside(aside: &[Vec<JobId>]) -> bool {
+    aside.iter().all(Vec::is_empty)
 }
 
 impl Core {
@@ -96,19 +106,24 @@ impl Core {
                         .collect()
                 })
                 .collect(),
+            aside: p.queues.iter().map(|q| q.aside_jobs().collect()).collect(),
             idempotency: p
                 .idempotency_expiry
                 .iter()
                 .filter(|(expires, user, key)| {
                     p.idempotency
                         .get(&(user.clone(), key.clone()))
-                        .is_some_and(|(_, e)| e == expires)
+                        .is_some_and(|(_, e, _)| e == expires)
                 })
-                .map(|(expires, user, key)| IdempotencyRecord {
-                    user: user.clone(),
-                    key: key.clone(),
-                    job: p.idempotency[&(user.clone(), key.clone())].0,
-                    expires: *expires,
+                .map(|(expires, user, key)| {
+                    let (job, _, digest) = p.idempotency[&(user.clone(), key.clone())];
+                    IdempotencyRecord {
+                        user: user.clone(),
+                        key: key.clone(),
+                        job,
+                        expires: *expires,
+                        digest,
+                    }
                 })
                 .collect(),
         }
@@ -162,7 +177,11 @@ impl Core {
             let user = core
                 .user_key(&job.user)
                 .ok_or_else(|| bad("a job's user is not among the users"))?;
-            if job.state == JobState::Queued {
+            let set_aside = snapshot
+                .aside
+                .get(job.kind().index())
+                .is_some_and(|a| a.contains(&job.id));
+            if job.state == JobState::Queued && !set_aside {
                 waiting[job.kind().index()]
                     .entry((job.priority, user))
                     .or_default()
@@ -195,15 +214,36 @@ impl Core {
             for queue in jobs.values_mut() {
                 queue.make_contiguous().sort();
             }
-            let queue = FairQueue::from_orders(&orders, jobs)
+            let mut queue = FairQueue::from_orders(&orders, jobs)
                 .ok_or_else(|| bad("queue orders do not match the queued jobs"))?;
+            for &id in snapshot.aside.get(k).into_iter().flatten() {
+                let job = core
+                    .job(id)
+                    .filter(|j| j.state == JobState::Queued && j.kind().index() == k)
+                    .ok_or_else(|| bad("a job set aside is not a queued job of its kind"))?;
+                let (priority, cpus) = (job.priority, job.spec.cpus);
+                let user = core.user_key(&job.user).expect("interned above");
+                if queue.aside_cpus(id).is_some() {
+                    return Err(bad("a job is set aside twice"));
+                }
+                queue.put_aside(priority, user, id, cpus);
+            }
             core.set_queue(Kind::ALL[k], queue);
         }
-        if snapshot.queues.len() != 2 || waiting.iter().any(|w| !w.is_empty()) {
+        if snapshot.queues.len() != 2
+            || snapshot.aside.len() > 2
+            || waiting.iter().any(|w| !w.is_empty())
+        {
             return Err(bad("queues do not match the queued jobs"));
         }
         for record in snapshot.idempotency {
-            core.remember_idempotency(record.user, record.key, record.job, record.expires);
+            core.remember_idempotency(
+                record.user,
+                record.key,
+                record.job,
+                record.expires,
+                record.digest,
+            );
         }
         core.rearm_all();
         Ok(core)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::config::{CoreConfig, Plan};
-use super::types::Kind;
+use super::types::{JobId, Kind};
 
 /// A submission as the API decoded it. `kind` is still text so that an unknown
 /// kind is the core's error to report, with the same wording everywhere.
@@ -70,6 +70,17 @@ pub struct JobSpec {
     pub queue_timeout_secs: Option<u64>,
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
+}
+
+impl JobSpec {
+    /// A digest of the whole specification, so that a repeated idempotency
+    /// key can be told apart from a different request reusing it.
+    pub fn digest(&self) -> u64 {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(self).expect("a job spec serializes");
+        let hash = sha2::Sha256::digest(&bytes);
+        u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +147,10 @@ pub enum SubmitError {
     QueueTimeout { got: u64, max: u64 },
     #[error("max_attempts must be between 1 and {max}; got {got}")]
     Attempts { got: u32, max: u32 },
+    #[error("you have {queued} jobs waiting; plan {plan} allows {max}: wait for some to start, or cancel some")]
+    TooManyQueued { queued: u32, max: u32, plan: String },
+    #[error("idempotency key {key:?} was used for job {job} with a different request; use a new key for a new job")]
+    IdempotencyConflict { key: String, job: JobId },
     #[error("user name must be 1 to 128 bytes")]
     BadUser,
 }

@@ -351,6 +351,114 @@ fn submit_a_repeated_idempotency_key_returns_the_first_job_until_the_window_ends
     }
 }
 
+#[test]
+fn submit_a_repeated_idempotency_key_with_a_different_request_is_a_conflict() {
+    let mut h = harness();
+    let keyed = |argv: &[&str]| SubmitSpec {
+        idempotency_key: Some("nightly".into()),
+        ..cmd(argv)
+    };
+    let first = h.submit("ana", "basic", keyed(&["sim", "--a"]));
+    let conflict = Reply::Rejected {
+        error: SubmitError::IdempotencyConflict {
+            key: "nightly".into(),
+            job: first,
+        },
+    };
+    assert_eq!(
+        h.try_submit("ana", "basic", keyed(&["sim", "--b"])),
+        conflict
+    );
+    // Still a conflict after the first job ended, and after a restart
+    // from the store, and from a snapshot.
+    h.cancel(first);
+    assert_eq!(
+        h.try_submit("ana", "basic", keyed(&["sim", "--b"])),
+        conflict
+    );
+    let mut restored = h.crash_and_restore(basic_config(), 1_000);
+    assert_eq!(
+        restored.try_submit("ana", "basic", keyed(&["sim", "--b"])),
+        conflict
+    );
+    let mut copy = Harness::from_core(
+        Core::from_snapshot(restored.core.snapshot()).expect("restores"),
+        restored.now,
+    );
+    assert_eq!(
+        copy.try_submit("ana", "basic", keyed(&["sim", "--b"])),
+        conflict
+    );
+    // The same request is the first job, as always.
+    assert_eq!(
+        copy.try_submit("ana", "basic", keyed(&["sim", "--a"])),
+        Reply::Submitted {
+            job: first,
+            existing: true
+        }
+    );
+    assert!(h.core.situation(first).is_none(), "nothing new was queued");
+}
+
+#[test]
+fn submit_past_the_plans_queued_bound_is_refused_and_loses_nothing() {
+    let mut config = basic_config();
+    config.plans.get_mut("basic").unwrap().max_queued = 3;
+    let mut h = Harness::new(config);
+    let queued: Vec<JobId> = (0..3)
+        .map(|_| h.submit("ana", "basic", retried(2, &["a"])))
+        .collect();
+    let refused = h.try_submit("ana", "basic", parallel(1));
+    assert_eq!(
+        refused,
+        Reply::Rejected {
+            error: SubmitError::TooManyQueued {
+                queued: 3,
+                max: 3,
+                plan: "basic".into()
+            }
+        }
+    );
+    assert_eq!(
+        refused_message(&refused),
+        "you have 3 jobs waiting; plan basic allows 3: wait for some to start, or cancel some"
+    );
+    // Another user's bound is their own; ana's queued jobs are all there.
+    h.submit("bob", "basic", cmd(&["b"]));
+    assert_eq!(h.core.queued(Kind::Sequential), 4);
+    // A job that starts makes room (running jobs do not count), and so
+    // does a cancel.
+    h.connect("a1", 1);
+    assert_eq!(h.state(queued[0]), JobState::Dispatched);
+    let fourth = h.submit("ana", "basic", cmd(&["a"]));
+    assert!(matches!(
+        h.try_submit("ana", "basic", cmd(&["a"])),
+        Reply::Rejected { .. }
+    ));
+    h.cancel(fourth);
+    h.submit("ana", "basic", cmd(&["a"]));
+    // A requeued job is never refused, even past the bound.
+    h.gone("a1", GoneReason::Closed);
+    h.advance(h.core.config().agent_grace_ms);
+    assert_eq!(h.state(queued[0]), JobState::Queued);
+    assert!(h
+        .core
+        .situation(queued[0])
+        .unwrap()
+        .starts_with("waiting for a sequential CPU slot"));
+    assert!(matches!(
+        h.try_submit("ana", "basic", cmd(&["a"])),
+        Reply::Rejected { .. }
+    ));
+}
+
+fn refused_message(reply: &Reply) -> String {
+    match reply {
+        Reply::Rejected { error } => error.to_string(),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
 // ---- fair queue ------------------------------------------------------------
 
 #[test]
@@ -418,8 +526,7 @@ fn queue_situation_names_the_slot_and_the_position() {
 #[test]
 fn grant_is_all_or_nothing_and_a_large_job_is_not_overtaken() {
     let mut h = harness();
-    h.connect("a1", 2);
-    h.connect("a2", 2);
+    h.connect("a1", 4);
     let small = h.submit("ana", "premium", parallel(1));
     let big = h.submit("bob", "premium", parallel(4));
     let later = h.submit("cy", "premium", parallel(1));
@@ -431,10 +538,125 @@ fn grant_is_all_or_nothing_and_a_large_job_is_not_overtaken() {
     );
     assert_eq!(h.state(big), JobState::Queued);
     assert_eq!(h.state(later), JobState::Queued);
-    // An agent big enough arrives: the big job goes first, whole.
-    let effects = h.connect("big", 4);
-    assert_eq!(runs(&effects)[0], ("big".to_string(), big, 1));
-    assert_eq!(h.core.agent(&AgentId::new("big")).unwrap().used_cpus, 4);
+    assert_eq!(
+        h.core.situation(big).unwrap(),
+        "waiting for a parallel CPU slot, position 1"
+    );
+    // The small job ends: the big job goes first, whole.
+    h.started("a1", small, 1);
+    let effects = h.exited("a1", small, 1, 0);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), big, 1)]);
+    assert_eq!(h.core.agent(&AgentId::new("a1")).unwrap().used_cpus, 4);
+}
+
+#[test]
+fn a_job_larger_than_every_connected_agent_steps_aside_until_one_fits() {
+    let mut h = harness();
+    h.connect("a1", 2);
+    h.connect("a2", 2);
+    let small = h.submit("ana", "premium", parallel(2));
+    let big = h.submit("bob", "premium", parallel(4));
+    let later = h.submit("cy", "premium", parallel(1));
+    // The big job fits no connected agent: it does not block the later one.
+    assert_eq!(
+        runs(&h.log).iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![small, later]
+    );
+    assert_eq!(h.state(big), JobState::Queued);
+    assert_eq!(
+        h.core.situation(big).unwrap(),
+        "needs 4 CPUs; the largest connected agent has 2: waiting out of line for one that fits"
+    );
+    assert_eq!(h.core.queued(Kind::Parallel), 1, "still counted as queued");
+    // It survives a snapshot exactly.
+    let copy = Core::from_snapshot(h.core.snapshot()).expect("the snapshot restores");
+    assert_eq!(copy.snapshot(), h.core.snapshot());
+    assert_eq!(copy.situation(big), h.core.situation(big));
+    // Capacity that fits arrives while small jobs hold part of it: the big
+    // job is back in line and holds its place against a stream of small ones.
+    h.connect("big", 4);
+    let streamed = h.submit("dee", "premium", parallel(1));
+    let filler = h.submit("eve", "premium", parallel(1));
+    assert_eq!(
+        h.state(big),
+        JobState::Dispatched,
+        "an empty 4-CPU agent fits it"
+    );
+    assert_eq!(h.placed(big).0, "big");
+    assert_eq!(h.state(streamed), JobState::Dispatched);
+    assert_eq!(h.state(filler), JobState::Queued, "every CPU is held");
+}
+
+#[test]
+fn a_large_job_back_in_line_is_not_starved_by_small_ones() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let big = h.submit("bob", "premium", parallel(2));
+    assert!(h.core.situation(big).unwrap().starts_with("needs 2 CPUs"));
+    // A 2-CPU agent connects, busy with one small job.
+    h.connect("a2", 2);
+    assert_eq!(
+        h.state(big),
+        JobState::Dispatched,
+        "whole on the empty agent"
+    );
+    assert_eq!(h.placed(big).0, "a2");
+    // The same with the big agent half used when the big job comes back:
+    // a1 reconnects with 2 CPUs, still running a small job.
+    let mut h = harness();
+    h.connect("a1", 1);
+    let busy = h.submit("ana", "premium", parallel(1));
+    h.started("a1", busy, 1);
+    let big = h.submit("bob", "premium", parallel(2));
+    h.gone("a1", GoneReason::Closed);
+    h.connect_with(
+        "a1",
+        2,
+        vec![AttemptReport {
+            job: busy,
+            attempt: 1,
+            finished: None,
+        }],
+    );
+    assert_eq!(
+        h.core.situation(big).unwrap(),
+        "waiting for a parallel CPU slot, position 1",
+        "back in line on the agent that grew"
+    );
+    let small = h.submit("cy", "premium", parallel(1));
+    assert_eq!(
+        h.state(small),
+        JobState::Queued,
+        "the big job holds its place"
+    );
+    h.started("a1", busy, 1);
+    let effects = h.exited("a1", busy, 1, 0);
+    assert_eq!(runs(&effects), vec![("a1".to_string(), big, 1)]);
+}
+
+#[test]
+fn a_job_set_aside_can_be_canceled_or_time_out_in_the_queue() {
+    let mut h = harness();
+    h.connect("a1", 1);
+    let big = h.submit("bob", "premium", parallel(2));
+    let timed = h.submit(
+        "bob",
+        "premium",
+        SubmitSpec {
+            queue_timeout_secs: Some(10),
+            ..parallel(2)
+        },
+    );
+    assert!(matches!(
+        h.cancel(big),
+        Reply::Cancel {
+            state: JobState::Canceled,
+            ..
+        }
+    ));
+    h.advance(10_000);
+    assert_eq!(h.state(timed), JobState::TimedOut);
+    assert_eq!(h.core.queued(Kind::Parallel), 0);
 }
 
 #[test]

@@ -21,7 +21,8 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::core::{
-    Agent, CancelError, Input, Job, JobId, JobState, Kind, Reply, Requester, SubmitSpec,
+    Agent, CancelError, Input, Job, JobId, JobState, Kind, Reply, Requester, SubmitError,
+    SubmitSpec,
 };
 use crate::shell::actor::CoreHandle;
 use crate::store::{Store, User};
@@ -213,10 +214,14 @@ async fn submit(
             };
             Ok((status, Json(view)).into_response())
         }
-        Reply::Rejected { error } => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            error.to_string(),
-        )),
+        Reply::Rejected { error } => {
+            let status = match error {
+                SubmitError::TooManyQueued { .. } => StatusCode::TOO_MANY_REQUESTS,
+                SubmitError::IdempotencyConflict { .. } => StatusCode::CONFLICT,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            Err(ApiError::new(status, error.to_string()))
+        }
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
 }
