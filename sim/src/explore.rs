@@ -195,6 +195,7 @@ async fn supervisor(trace: &Trace) -> (madsim::runtime::NodeHandle, Running) {
         journal_segments_max: 0,
         observer: Some(Arc::new(trace.clone())),
         commit_delay_ms: 0,
+        http: Default::default(),
     };
     let node = Handle::current()
         .create_node()

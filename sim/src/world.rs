@@ -140,6 +140,7 @@ impl World {
             },
             observer: Some(Arc::new(trace.clone())),
             commit_delay_ms: topology.commit_ms,
+            http: Default::default(),
         };
         let supervisor = handle
             .create_node()

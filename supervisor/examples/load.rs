@@ -15,6 +15,10 @@
 //!   itself with the same concurrency.
 //! - `memory FOREMAN_BIN`: 100,000 finished jobs in the store and 10,000
 //!   queued: the supervisor's RSS.
+//! - `deep FOREMAN_BIN`: 100,000 jobs queued with no agent, the journal in
+//!   1 MiB segments (so that the queue's snapshot is far larger than a
+//!   segment): submit latency at the start and at 100,000 queued, and the
+//!   bytes the journal and the whole supervisor wrote.
 
 // A load tool measures wall-clock time and runs outside any simulation.
 #![allow(clippy::disallowed_methods)]
@@ -93,6 +97,7 @@ const LOAD_CONFIG: &str = r#"
 pool_sequential_cpus = 1024
 [core.plans.premium]
 priority = 10
+max_queued = 1000000
 sequential = { max_running = 1024, max_run_secs_limit = 3600, default_run_secs = 3600 }
 parallel = { max_running = 4, max_run_secs_limit = 3600, default_run_secs = 3600 }
 [core.plans.basic]
@@ -102,6 +107,15 @@ parallel = { max_running = 1, max_run_secs_limit = 3600, default_run_secs = 3600
 "#;
 
 fn start_server(bin: &Path, local_agents: u32, dir: Option<tempfile::TempDir>) -> Server {
+    start_server_with(bin, local_agents, dir, &[])
+}
+
+fn start_server_with(
+    bin: &Path,
+    local_agents: u32,
+    dir: Option<tempfile::TempDir>,
+    extra: &[&str],
+) -> Server {
     let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
     let config = dir.path().join("load.toml");
     std::fs::write(&config, LOAD_CONFIG).expect("config");
@@ -112,6 +126,7 @@ fn start_server(bin: &Path, local_agents: u32, dir: Option<tempfile::TempDir>) -
         .args(["--local-agents", &local_agents.to_string()])
         .arg("--data-dir")
         .arg(dir.path())
+        .args(extra)
         .env("FOREMAN_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -509,6 +524,98 @@ async fn memory(bin: PathBuf) {
     );
 }
 
+/// Bytes a process wrote through write calls (`wchar` of /proc/PID/io).
+fn written_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &Path) -> (u64, usize) {
+    let sizes: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .collect();
+    (sizes.iter().sum(), sizes.len())
+}
+
+async fn deep(bin: PathBuf) {
+    // FOREMAN_LOAD_DEEP_JOBS: fewer, to compare with a build that cannot
+    // reach 100,000 in reasonable time.
+    let queued: u64 = std::env::var("FOREMAN_LOAD_DEEP_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let server = start_server_with(
+        &bin,
+        0,
+        None,
+        &["--journal-segment-mib", "1", "--journal-segments", "100000"],
+    );
+    let pid = server.child.id();
+    let written_before = written_bytes(pid);
+    let count = Arc::new(AtomicU64::new(0));
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (api, token, count) = (server.api.clone(), server.token.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let spec = SubmitSpec::command(["python", "simulate.py", "--steps", "1000"]);
+            let mut submitter = Submitter::connect(&api, &token, &spec).await;
+            // (queue depth when sent, µs to the reply)
+            let mut seen = Vec::new();
+            loop {
+                let n = count.fetch_add(1, Ordering::Relaxed);
+                if n >= queued {
+                    break;
+                }
+                let sent = Instant::now();
+                assert!(submitter.submit().await, "submission {n} refused");
+                seen.push((n, sent.elapsed().as_micros() as u64));
+            }
+            seen
+        }));
+    }
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.extend(task.await.expect("a submitter"));
+    }
+    let secs = began.elapsed().as_secs_f64();
+    let window = |range: std::ops::Range<u64>| {
+        let mut us: Vec<u64> = seen
+            .iter()
+            .filter(|(n, _)| range.contains(n))
+            .map(|(_, us)| *us)
+            .collect();
+        us.sort_unstable();
+        (pct(&us, 0.5), pct(&us, 0.99))
+    };
+    let tenth = queued / 10;
+    let (first_p50, first_p99) = window(0..tenth);
+    let (last_p50, last_p99) = window(queued - tenth..queued);
+    let written = written_bytes(pid) - written_before;
+    let (journal, segments) = dir_bytes(&server.dir.path().join("journal"));
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "deep: {queued} jobs queued in {secs:.1} s ({:.0}/s); submit p50/p99 {:.2}/{:.2} ms for the first tenth, {:.2}/{:.2} ms for the last tenth ({}-{queued} queued); journal {:.0} MiB in {segments} segments ({:.0} bytes per submit); the supervisor wrote {:.0} MiB in all ({:.0} bytes per submit); RSS {} MiB",
+        queued as f64 / secs,
+        first_p50 as f64 / 1000.0,
+        first_p99 as f64 / 1000.0,
+        last_p50 as f64 / 1000.0,
+        last_p99 as f64 / 1000.0,
+        queued - tenth,
+        mib(journal),
+        journal as f64 / queued as f64,
+        mib(written),
+        written as f64 / queued as f64,
+        rss_kib(pid, "VmRSS:") / 1024,
+    );
+}
+
 fn finished_job(id: u64) -> Job {
     let text = format!(
         r#"{{"id":{id},"user":"admin","plan":"premium","priority":10,
@@ -524,7 +631,7 @@ fn finished_job(id: u64) -> Job {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mode), Some(bin)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: load noop|rate|processes|memory FOREMAN_BIN");
+        eprintln!("usage: load noop|rate|processes|memory|deep FOREMAN_BIN");
         std::process::exit(2);
     };
     let bin = PathBuf::from(bin);
@@ -538,6 +645,7 @@ fn main() {
             "rate" => rate(bin).await,
             "processes" => processes(bin).await,
             "memory" => memory(bin).await,
+            "deep" => deep(bin).await,
             other => {
                 eprintln!("unknown mode {other}");
                 std::process::exit(2);

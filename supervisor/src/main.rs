@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use foreman::agent::{Agent, AgentOptions, ProcessRunner};
 use foreman::client::{Client, WatchEvent};
 use foreman::core::{CoreConfig, JobId, JobState, SubmitSpec};
+use foreman::server::http::HttpLimits;
 use foreman::server::{self, auth, AgentEndpoint, ServerOptions};
 use foreman::store::{Store, User};
 use serde::{Deserialize, Serialize};
@@ -155,6 +156,9 @@ struct ConfigFile {
     journal_segments: Option<usize>,
     #[serde(default)]
     core: Option<CoreConfig>,
+    /// Bounds on the API's connections and event streams.
+    #[serde(default)]
+    http: Option<HttpLimits>,
 }
 
 #[derive(Args, Clone)]
@@ -225,14 +229,16 @@ struct ServerFile {
     pid: u32,
 }
 
-/// The `[core]` part of a configuration file with every default, for
+/// The `[http]` and `[core]` parts of a configuration file with every default, for
 /// `foreman serve --help` (generated, so it cannot drift from the code).
 fn core_defaults_toml() -> String {
     #[derive(Serialize)]
     struct File {
+        http: HttpLimits,
         core: CoreConfig,
     }
     let text = toml::to_string(&File {
+        http: HttpLimits::default(),
         core: CoreConfig::default(),
     })
     .unwrap_or_default();
@@ -416,6 +422,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         journal_segments_max: args.journal_segments.or(file.journal_segments).unwrap_or(8),
         observer: None,
         commit_delay_ms: 0,
+        http: file.http.unwrap_or_default(),
     };
     let running = server::start(options).await.map_err(|e| e.to_string())?;
     let server_file = ServerFile {

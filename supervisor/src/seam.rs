@@ -74,3 +74,36 @@ macro_rules! select {
 macro_rules! select {
     ($($branches:tt)*) => { ::tokio::select! { $($branches)* } };
 }
+
+/// hyper's timer (for its header read timeout) on the seam's clock: the
+/// simulator's in a simulation, tokio's otherwise.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HyperTimer;
+
+struct HyperSleep(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl std::future::Future for HyperSleep {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HyperSleep {}
+
+impl hyper::rt::Timer for HyperTimer {
+    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HyperSleep(Box::pin(tokio::time::sleep(duration))))
+    }
+
+    #[allow(clippy::disallowed_methods)] // hyper counts in std's Instant
+    fn sleep_until(
+        &self,
+        deadline: std::time::Instant,
+    ) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep(deadline.saturating_duration_since(std::time::Instant::now()))
+    }
+}

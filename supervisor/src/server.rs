@@ -6,12 +6,13 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod executor;
+pub mod http;
 pub mod hub;
 pub mod journal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tracing::info;
@@ -36,6 +37,8 @@ pub struct ServerOptions {
     /// The journal's bounds: bytes per segment, and old segments kept (0: no journal).
     pub journal_segment_bytes_max: u64,
     pub journal_segments_max: usize,
+    /// Bounds on the API's connections and event streams.
+    pub http: http::HttpLimits,
     /// A tap on the core (the simulator's trace and checks); none in production.
     pub observer: Option<Arc<dyn executor::Observer>>,
     /// Extra time every commit takes, half before it is durable and half
@@ -96,6 +99,7 @@ pub(crate) async fn accept(
 pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     agents::check_fence(options.core.agent_grace_ms, &options.endpoint)
         .map_err(StartError::Config)?;
+    options.http.check().map_err(StartError::Config)?;
     std::fs::create_dir_all(&options.data_dir)
         .map_err(|e| StartError::DataDir(options.data_dir.clone(), e))?;
     let db = options.data_dir.join("foreman.db");
@@ -151,13 +155,18 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     let agent_addr = agent_listener
         .local_addr()
         .map_err(|e| StartError::Listen(options.agent_addr, e))?;
-    let state = api::ApiState {
-        core: core_handle.clone(),
-        hub: hub.clone(),
-        store: Arc::new(Mutex::new(reader)),
-    };
+    let state = api::ApiState::new(
+        core_handle.clone(),
+        hub.clone(),
+        reader,
+        options.http.clone(),
+    );
     let router = api::router(state);
-    tokio::spawn(api::serve(api_listener, router.clone()));
+    tokio::spawn(api::serve(
+        api_listener,
+        router.clone(),
+        options.http.clone(),
+    ));
     let fence_ms = agents::fence_ms(options.core.agent_grace_ms, &options.endpoint);
     tokio::spawn(agents::serve(
         agent_listener,

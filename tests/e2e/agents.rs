@@ -51,6 +51,7 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         journal_segments_max: 0,
         observer: None,
         commit_delay_ms: 0,
+        http: Default::default(),
     })
     .await
     .unwrap();

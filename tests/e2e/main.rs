@@ -3,6 +3,7 @@
 #![cfg(not(madsim))]
 
 mod agents;
+mod bounds;
 mod harness;
 mod hostile;
 mod many_users;

@@ -4,6 +4,7 @@
 //! are JSON `{"error": "..."}` with a status that says what kind of wrong.
 //! Every write goes through the core, so nothing is half-written.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -13,12 +14,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::core::{
     Agent, CancelError, Input, Job, JobId, JobState, Kind, Reply, Requester, SubmitError,
@@ -28,10 +26,15 @@ use crate::shell::actor::CoreHandle;
 use crate::store::{Store, User};
 
 use super::auth;
+use super::http::HttpLimits;
 use super::hub::{Hub, Transition, LATENCY_BUCKETS_MS};
 
 /// The largest request body the API reads.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+/// The largest request head (its headers, names and values) the API reads,
+/// and the most headers.
+pub const HEAD_BYTES_MAX: usize = 16 * 1024;
+pub const HEADERS_MAX: usize = 64;
 const LIST_LIMIT_MAX: usize = 1000;
 
 #[derive(Clone)]
@@ -40,6 +43,21 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// A reading connection (WAL lets it read while the actor writes).
     pub store: Arc<Mutex<Store>>,
+    pub limits: HttpLimits,
+    /// Event streams open, per user.
+    pub streams: Arc<Mutex<BTreeMap<Arc<str>, usize>>>,
+}
+
+impl ApiState {
+    pub fn new(core: CoreHandle, hub: Arc<Hub>, store: Store, limits: HttpLimits) -> ApiState {
+        ApiState {
+            core,
+            hub,
+            store: Arc::new(Mutex::new(store)),
+            limits,
+            streams: Arc::default(),
+        }
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -53,23 +71,67 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(head_bounds))
         .with_state(state)
 }
 
-/// Serves `router` on every connection `listener` accepts, until dropped.
-pub async fn serve(listener: TcpListener, router: Router) {
-    loop {
-        let (stream, peer) = super::accept(&listener, "api").await;
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                info!(%peer, error = %e, "http connection ended with an error");
-            }
-        });
+/// A request head past the API's bounds is refused before anything reads it.
+async fn head_bounds(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if headers.len() > HEADERS_MAX || bytes > HEAD_BYTES_MAX {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "request headers too large: {} headers of {bytes} bytes; at most {HEADERS_MAX} headers of {HEAD_BYTES_MAX} bytes",
+                headers.len()
+            ),
+        )
+        .into_response();
     }
+    next.run(request).await
 }
+
+/// Every error the API answers is `{"error": "..."}`, the ones the HTTP
+/// layers make too (a method the endpoint does not take, a body too large).
+async fn json_errors(method: axum::http::Method, response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("this endpoint does not take {method}: the Allow header says what it takes")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("request body too large: at most {BODY_BYTES_MAX} bytes")
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "send the body as application/json".to_string(),
+        other => other
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase(),
+    };
+    let (mut parts, _) = response.into_parts();
+    let mut json = ApiError::new(status, message).into_response();
+    // Keep what the answer said besides its body (Allow, Retry-After).
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    for (name, value) in parts.headers.iter() {
+        json.headers_mut().insert(name.clone(), value.clone());
+    }
+    json
+}
+
+pub use super::http::serve;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -326,19 +388,24 @@ async fn events(
     // Subscribe before reading, so no transition falls between the two.
     let transitions = state.hub.watch();
     let view = state.view(&user, id).await?;
+    let slot = StreamSlot::take(&state, &user)?;
     struct Feed {
         first: Option<Bytes>,
         over: bool,
         transitions: broadcast::Receiver<Transition>,
         state: ApiState,
         id: JobId,
+        heartbeat: std::time::Duration,
+        _slot: StreamSlot,
     }
     let feed = Feed {
         first: Some(sse("state", &view)),
         over: view.job.state.is_terminal(),
         transitions,
+        heartbeat: std::time::Duration::from_millis(state.limits.event_heartbeat_ms),
         state,
         id,
+        _slot: slot,
     };
     let stream = futures_util::stream::unfold(feed, |mut feed| async move {
         if let Some(first) = feed.first.take() {
@@ -348,7 +415,13 @@ async fn events(
             return None;
         }
         loop {
-            match feed.transitions.recv().await {
+            let received = crate::select! {
+                received = feed.transitions.recv() => received,
+                () = tokio::time::sleep(feed.heartbeat) => {
+                    return Some((Ok(Bytes::from_static(b": still here\n\n")), feed));
+                }
+            };
+            match received {
                 Ok(t) if t.job == feed.id => {
                     feed.over = t.state.is_terminal();
                     return Some((Ok(sse("transition", &t)), feed));
@@ -368,6 +441,46 @@ async fn events(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .map_err(ApiError::internal)
+}
+
+/// One of a user's event streams; given back when the stream is dropped
+/// (the job ended, or the client went away).
+struct StreamSlot {
+    streams: Arc<Mutex<BTreeMap<Arc<str>, usize>>>,
+    user: Arc<str>,
+}
+
+impl StreamSlot {
+    fn take(state: &ApiState, user: &User) -> ApiResult<StreamSlot> {
+        let mut streams = state.streams.lock().expect("streams lock");
+        let open = streams.entry(user.name.clone()).or_default();
+        if *open >= state.limits.event_streams_per_user {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "you have {open} event streams open; at most {} are allowed: close one first",
+                    state.limits.event_streams_per_user
+                ),
+            ));
+        }
+        *open += 1;
+        Ok(StreamSlot {
+            streams: state.streams.clone(),
+            user: user.name.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().expect("streams lock");
+        if let Some(open) = streams.get_mut(&self.user) {
+            *open -= 1;
+            if *open == 0 {
+                streams.remove(&self.user);
+            }
+        }
+    }
 }
 
 fn sse<T: Serialize>(event: &str, data: &T) -> Bytes {

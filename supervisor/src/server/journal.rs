@@ -7,9 +7,13 @@
 //!   first line of every segment, so each segment replays on its own;
 //! - `{"at": <ms>, "input": <Input>}`: an input, in the order the core took it.
 //!
-//! The segment being written is `current.jsonl`; past the size bound it is
-//! renamed `<n>.jsonl` (n increasing) and a new one begins. At most
-//! `segments_max` old segments are kept, oldest deleted first. A journal
+//! The segment being written is `current.jsonl`. Once the inputs written
+//! since its snapshot are more than the size bound, and more than the
+//! snapshot itself, it is renamed `<n>.jsonl` (n increasing) and a new one
+//! begins. So snapshots never cost more bytes than the inputs, whatever the
+//! size of the queue: a snapshot larger than the bound is followed by at
+//! least as many bytes of inputs before the next. At most `segments_max`
+//! old segments are kept, oldest deleted first. A journal
 //! that cannot be written is logged and switched off: it never stops the
 //! supervisor.
 
@@ -33,7 +37,9 @@ pub enum Line {
 pub struct Journal {
     dir: PathBuf,
     writer: Option<BufWriter<File>>,
+    /// Bytes in the current segment, and of its snapshot.
     bytes: u64,
+    snapshot_bytes: u64,
     segment_bytes_max: u64,
     segments_max: usize,
     /// Set when the next input must be preceded by a snapshot.
@@ -53,6 +59,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             writer: None,
             bytes: 0,
+            snapshot_bytes: 0,
             segment_bytes_max,
             segments_max,
             needs_snapshot: true,
@@ -108,6 +115,7 @@ impl Journal {
             .open(&current)?;
         self.writer = Some(BufWriter::new(file));
         self.bytes = 0;
+        self.snapshot_bytes = 0;
         self.needs_snapshot = true;
         Ok(())
     }
@@ -124,7 +132,8 @@ impl Journal {
     }
 
     fn write(&mut self, now: Millis, input: &Input, core: &Core) -> std::io::Result<()> {
-        if self.bytes > self.segment_bytes_max {
+        let inputs = self.bytes - self.snapshot_bytes;
+        if inputs > self.segment_bytes_max.max(self.snapshot_bytes) {
             self.rotate()?;
         }
         let writer = self.writer.as_mut().expect("journal open");
@@ -136,6 +145,7 @@ impl Journal {
             writer.write_all(line.as_bytes())?;
             writer.write_all(b"\n")?;
             self.bytes += line.len() as u64 + 1;
+            self.snapshot_bytes = self.bytes;
             self.needs_snapshot = false;
         }
         let line = serde_json::to_string(&Line::Input {
@@ -258,34 +268,99 @@ mod tests {
     #[test]
     fn journal_segments_are_numbered_in_order_and_bounded_to_the_byte() {
         let core = Core::new(CoreConfig::default());
-        // Its count of bytes is the file's, after every input.
-        let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), 1_000, 100).unwrap();
-        for i in 0..30 {
-            journal.record(Millis(i), &Input::Tick, &core);
-            journal.flush();
-            let on_disk = std::fs::metadata(journal.current()).unwrap().len();
-            assert_eq!(journal.bytes, on_disk, "after input {i}");
-        }
-        // Rotated segments are numbered in the order they were written.
-        let segments = journal.segments();
-        assert!(segments.len() >= 3, "{segments:?}");
-        let starts: Vec<u64> = segments.iter().map(|(_, p)| first_at(p)).collect();
-        assert!(starts.windows(2).all(|w| w[0] < w[1]), "{starts:?}");
-        assert!(first_at(&journal.current()) > *starts.last().unwrap());
-        // A segment may reach its bound exactly; one byte more rotates it.
-        let one = {
+        let (snapshot, tick) = {
             let dir = tempfile::tempdir().unwrap();
             let mut journal = Journal::open(dir.path(), 1_000_000, 1).unwrap();
-            journal.record(Millis(1), &Input::Tick, &core);
-            journal.bytes
+            journal.record(Millis(1_000_000), &Input::Tick, &core);
+            (
+                journal.snapshot_bytes,
+                journal.bytes - journal.snapshot_bytes,
+            )
         };
-        for (bound, segments) in [(one, 0), (one - 1, 1)] {
+        // Times of one width, so that every line of a kind has one size.
+        for bound in [snapshot / 2, snapshot, 3 * snapshot, 3 * snapshot + 1] {
             let dir = tempfile::tempdir().unwrap();
-            let mut journal = Journal::open(dir.path(), bound, 10).unwrap();
-            journal.record(Millis(1), &Input::Tick, &core);
-            journal.record(Millis(2), &Input::Tick, &core);
-            assert_eq!(journal.segments().len(), segments, "bound {bound}");
+            let mut journal = Journal::open(dir.path(), bound, 100).unwrap();
+            let limit = bound.max(snapshot);
+            // Its count of bytes is the file's, after every input.
+            for i in 0..(5 * limit / tick) {
+                journal.record(Millis(1_000_000 + i), &Input::Tick, &core);
+                journal.flush();
+                let on_disk = std::fs::metadata(journal.current()).unwrap().len();
+                assert_eq!(journal.bytes, on_disk, "after input {i}");
+            }
+            // Rotated segments are numbered in the order they were written,
+            // and hold the fewest inputs that are more than the limit: the
+            // bound, or the snapshot if larger.
+            let segments = journal.segments();
+            assert!(segments.len() >= 3, "{segments:?}");
+            let starts: Vec<u64> = segments.iter().map(|(_, p)| first_at(p)).collect();
+            assert!(starts.windows(2).all(|w| w[0] < w[1]), "{starts:?}");
+            assert!(first_at(&journal.current()) > *starts.last().unwrap());
+            let inputs = (limit / tick + 1) * tick;
+            for (_, path) in &segments {
+                let len = std::fs::metadata(path).unwrap().len();
+                assert_eq!(len, snapshot + inputs, "bound {bound}: {}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn journal_a_queue_larger_than_a_segment_is_snapshot_once_per_segment_not_per_input() {
+        // A queue whose snapshot is ten times the segment bound.
+        let mut core = Core::new(CoreConfig::default());
+        for i in 0..300u64 {
+            let input = Input::Submit {
+                request: RequestId(i),
+                user: "ana".into(),
+                plan: "premium".into(),
+                spec: SubmitSpec::command(["echo", "a queued job"]),
+            };
+            core.handle(Millis(i), input).for_each(drop);
+        }
+        let snapshot = serde_json::to_string(&core.snapshot()).unwrap().len() as u64;
+        let bound = snapshot / 10;
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), bound, 1_000).unwrap();
+        let mut input_bytes = 0;
+        for i in 0..5_000u64 {
+            let input = Input::Tick;
+            input_bytes += serde_json::to_string(&Line::Input {
+                at: Millis(1_000 + i),
+                input: input.clone(),
+            })
+            .unwrap()
+            .len() as u64
+                + 1;
+            journal.record(Millis(1_000 + i), &input, &core);
+            core.handle(Millis(1_000 + i), input).for_each(drop);
+        }
+        journal.flush();
+        let written: u64 = journal
+            .segments()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .chain([journal.current()])
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        let segments = journal.segments().len() as u64 + 1;
+        // One snapshot per segment, and each segment holds at least as many
+        // bytes of inputs as its snapshot (the last may be partly written).
+        assert!(segments >= 2, "it rotated: {segments}");
+        assert!(
+            written <= 2 * input_bytes + snapshot + 1_000,
+            "{written} bytes written for {input_bytes} bytes of inputs with snapshots of {snapshot}"
+        );
+        for (_, path) in journal.segments() {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let snapshots = text.lines().filter(|l| l.contains("\"snapshot\"")).count();
+            assert_eq!(snapshots, 1, "{}", path.display());
+            let first = text.lines().next().unwrap().len() as u64;
+            assert!(
+                text.len() as u64 - first > snapshot.max(bound),
+                "{}",
+                path.display()
+            );
         }
     }
 
