@@ -15,6 +15,9 @@
 //!   itself with the same concurrency.
 //! - `memory FOREMAN_BIN`: 100,000 finished jobs in the store and 10,000
 //!   queued: the supervisor's RSS.
+//! - `listing FOREMAN_BIN`: 400 queued jobs of 120 KiB each (47 MiB of
+//!   records), listed by 8 clients at once, `limit=1000`, for 5 s: the
+//!   supervisor's peak RSS, and the jobs per page.
 //! - `deep FOREMAN_BIN`: 100,000 jobs queued with no agent, the journal in
 //!   1 MiB segments (so that the queue's snapshot is far larger than a
 //!   segment): submit latency at the start and at 100,000 queued, and the
@@ -543,6 +546,44 @@ fn dir_bytes(dir: &Path) -> (u64, usize) {
     (sizes.iter().sum(), sizes.len())
 }
 
+async fn listing(bin: PathBuf) {
+    let server = start_server(&bin, 0, None);
+    let pid = server.child.id();
+    let admin = Client::new(server.api.clone(), server.token.clone());
+    let jobs = 400;
+    let spec = SubmitSpec::command(["echo".to_string(), "x".repeat(120 * 1024)]);
+    for _ in 0..jobs {
+        admin.submit(&spec).await.expect("a large job is accepted");
+    }
+    let before = rss_kib(pid, "VmHWM:");
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let admin = admin.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut pages, mut listed) = (0u64, 0usize);
+            while began.elapsed() < Duration::from_secs(5) {
+                listed += admin.jobs("limit=1000").await.expect("a page").len();
+                pages += 1;
+            }
+            (pages, listed)
+        }));
+    }
+    let (mut pages, mut listed) = (0, 0);
+    for task in tasks {
+        let (p, l) = task.await.expect("a lister");
+        pages += p;
+        listed += l;
+    }
+    println!(
+        "listing: {jobs} jobs of 120 KiB ({} MiB of records), 8 clients listing limit=1000 for 5 s: {pages} pages of {} jobs on average; supervisor peak RSS {} MiB ({} MiB before the listings)",
+        jobs * 120 / 1024,
+        listed / pages.max(1) as usize,
+        rss_kib(pid, "VmHWM:") / 1024,
+        before / 1024
+    );
+}
+
 async fn deep(bin: PathBuf) {
     // FOREMAN_LOAD_DEEP_JOBS: fewer, to compare with a build that cannot
     // reach 100,000 in reasonable time.
@@ -631,7 +672,7 @@ fn finished_job(id: u64) -> Job {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mode), Some(bin)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: load noop|rate|processes|memory|deep FOREMAN_BIN");
+        eprintln!("usage: load noop|rate|processes|memory|listing|deep FOREMAN_BIN");
         std::process::exit(2);
     };
     let bin = PathBuf::from(bin);
@@ -646,6 +687,7 @@ fn main() {
             "processes" => processes(bin).await,
             "memory" => memory(bin).await,
             "deep" => deep(bin).await,
+            "listing" => listing(bin).await,
             other => {
                 eprintln!("unknown mode {other}");
                 std::process::exit(2);

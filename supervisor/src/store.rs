@@ -167,13 +167,18 @@ impl Store {
 
     /// Jobs newest first, optionally of one user and in one state, with ids
     /// below `before` (for paging), at most `limit`.
+    /// Jobs newest first, at most `limit`, and no more than `bytes_max` of
+    /// records (always at least one): a page costs bounded memory however
+    /// large the records are. The flag says whether the page stopped at
+    /// `bytes_max` with more rows to give.
     pub fn jobs(
         &self,
         user: Option<&str>,
         state: Option<JobState>,
         before: Option<JobId>,
         limit: usize,
-    ) -> Result<Vec<Job>, StoreError> {
+        bytes_max: usize,
+    ) -> Result<(Vec<Job>, bool), StoreError> {
         let mut query = self.conn.prepare_cached(
             "SELECT id, record FROM jobs
              WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
@@ -189,11 +194,16 @@ impl Store {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let mut jobs = Vec::new();
+        let mut bytes = 0;
         for row in rows {
             let (id, record): (i64, String) = row?;
+            bytes += record.len();
+            if bytes > bytes_max && !jobs.is_empty() {
+                return Ok((jobs, true));
+            }
             jobs.push(decode(id, &record)?);
         }
-        Ok(jobs)
+        Ok((jobs, false))
     }
 
     /// How many jobs are in each state, for metrics.

@@ -206,6 +206,26 @@ async fn hostile_websocket_frames_tokens_and_duplicate_agents() {
         .unwrap();
     assert!(closed(&mut wrong_token).await, "an unknown token is closed");
 
+    // An agent id made to forge log lines or move the terminal, with or
+    // without the token: refused, and nothing of it reaches the log raw.
+    for token in ["not-the-token", agent_token.as_str()] {
+        let mut forger = ws(&sup.agent).await;
+        let forged = r#"x\n2026-01-01T00:00:00Z  INFO foreman: admin token accepted\u001b[2J"#;
+        forger
+            .send(Message::text(format!(
+                r#"{{"type":"hello","v":1,"agent":"{forged}","token":"{token}","cpus":1}}"#
+            )))
+            .await
+            .unwrap();
+        assert!(closed(&mut forger).await, "a forged agent id is closed");
+    }
+    let log = std::fs::read_to_string(sup.path().join("serve-0.log")).unwrap();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01")) && !log.contains('\u{1b}'),
+        "{log}"
+    );
+    assert!(log.contains("agent id not valid"), "{log}");
+
     let mut no_hello = ws(&sup.agent).await;
     no_hello
         .send(Message::text(r#"{"type":"started","job":1,"attempt":1}"#))

@@ -808,11 +808,9 @@ impl Core {
         labels: BTreeMap<String, String>,
         reports: Vec<AttemptReport>,
     ) {
-        let refusal = if agent_id.as_str().is_empty()
-            || agent_id.as_str().len() > self.config.agent_id_bytes_max
-        {
+        let refusal = if !AgentId::is_valid(agent_id.as_str(), self.config.agent_id_bytes_max) {
             Some(format!(
-                "agent id must be 1 to {} bytes",
+                "agent id must be 1 to {} bytes of letters, digits and . _ - : @",
                 self.config.agent_id_bytes_max
             ))
         } else if cpus == 0 || cpus > self.config.agent_cpus_max {

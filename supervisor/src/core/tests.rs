@@ -1426,7 +1426,16 @@ fn agent_duplicate_id_replaces_the_first_connection() {
 #[test]
 fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
     let mut h = harness();
-    for (name, cpus) in [("a1", 0), ("a1", 257), ("", 1)] {
+    for (name, cpus) in [
+        ("a1", 0),
+        ("a1", 257),
+        ("", 1),
+        ("a1\nINFO admin logged in", 1),
+        ("a1\u{1b}[2J", 1),
+        ("a1/../../etc", 1),
+        ("agent one", 1),
+        ("agent-é", 1),
+    ] {
         let effects = h.connect(name, cpus);
         assert!(effects.iter().any(|e| matches!(
             e,
@@ -1448,8 +1457,15 @@ fn agent_hello_out_of_bounds_is_refused_and_harms_nothing() {
     h.gone(&longest, GoneReason::PingTimeout);
     h.advance(h.core.config().agent_grace_ms + 1);
     assert_eq!(h.core.agents().count(), 0);
-    // The bound itself is allowed.
+    // The bound itself is allowed, and every allowed character.
     let effects = h.connect("a2", 256);
+    assert!(events(
+        &h.connect("Node_7.rack-2:slot@site", 1),
+        EventKind::AgentRefused
+    )
+    .is_empty());
+    h.gone("Node_7.rack-2:slot@site", GoneReason::Closed);
+    h.advance(h.core.config().agent_grace_ms + 1);
     assert!(events(&effects, EventKind::AgentRefused).is_empty());
     assert_eq!(h.core.agents().count(), 1);
     // Labels: as many as a job may carry, each as large as a job's may be,

@@ -60,6 +60,17 @@ impl AgentId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether `id` may name an agent: 1 to `max` bytes of ASCII letters,
+    /// digits and `. _ - : @`, so that it can reach a log, a path or a
+    /// terminal as it is.
+    pub fn is_valid(id: &str, max: usize) -> bool {
+        !id.is_empty()
+            && id.len() <= max
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:@".contains(&b))
+    }
 }
 
 impl fmt::Display for AgentId {

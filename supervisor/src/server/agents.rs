@@ -156,6 +156,14 @@ pub async fn connection(
             attempts,
             ..
         }) => {
+            // Its characters here, before anything logs it; its length is the
+            // core's to bound (agent_id_bytes_max).
+            if !AgentId::is_valid(&agent, usize::MAX) {
+                let shown: String = agent.chars().take(64).collect();
+                warn!(agent.id = ?shown, "agent id not valid (letters, digits and . _ - : @); closing");
+                let _ = sink.send(Message::Close(None)).await;
+                return;
+            }
             if super::auth::sha256_hex(&token) != *endpoint.token_sha256 {
                 warn!(agent.id = %agent, "agent presented an unknown token; closing");
                 let _ = sink.send(Message::Close(None)).await;

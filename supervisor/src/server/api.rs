@@ -36,6 +36,9 @@ pub const BODY_BYTES_MAX: usize = 1024 * 1024;
 pub const HEAD_BYTES_MAX: usize = 16 * 1024;
 pub const HEADERS_MAX: usize = 64;
 const LIST_LIMIT_MAX: usize = 1000;
+/// A listing page holds at most this many bytes of job records (and at
+/// least one job): its memory is bounded whatever the records hold.
+const LIST_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -310,7 +313,7 @@ async fn list(
     State(state): State<ApiState>,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Vec<Job>>> {
+) -> ApiResult<Response> {
     let user = state.authenticate(&headers)?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let filter_user = match (&query.user, user.admin) {
@@ -331,7 +334,7 @@ async fn list(
         None => None,
     };
     let limit = query.limit.unwrap_or(100).clamp(1, LIST_LIMIT_MAX);
-    let jobs = state
+    let (jobs, cut) = state
         .store
         .lock()
         .expect("store lock")
@@ -340,9 +343,21 @@ async fn list(
             job_state,
             query.before.map(JobId),
             limit,
+            LIST_BYTES_MAX,
         )
         .map_err(ApiError::internal)?;
-    Ok(Json(jobs))
+    // Where the next page starts, when there may be one.
+    let next = (cut || jobs.len() == limit)
+        .then(|| jobs.last().map(|j| j.id.0))
+        .flatten();
+    let mut response = Json(jobs).into_response();
+    if let Some(next) = next {
+        response.headers_mut().insert(
+            "x-next-before",
+            header::HeaderValue::from_str(&next.to_string()).expect("digits"),
+        );
+    }
+    Ok(response)
 }
 
 async fn cancel(

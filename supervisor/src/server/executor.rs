@@ -116,7 +116,9 @@ fn log_event(event: &Event) {
         attempt = event.attempt,
         agent.id = event.agent.as_ref().map(|a| a.as_str()),
         kind = ?event.kind,
+        // Reasons carry what agents and clients said: escaped, so that no
+        // newline or terminal escape of theirs reaches the log as it is.
         "{}",
-        event.reason
+        event.reason.escape_debug()
     );
 }

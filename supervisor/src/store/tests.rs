@@ -28,15 +28,17 @@ fn store_round_trips_records_and_lists_newest_first() {
     assert_eq!(store.job(JobId(3)).unwrap().as_ref(), Some(&*jobs[2]));
     assert_eq!(store.job(JobId(99)).unwrap(), None);
     let ana: Vec<u64> = store
-        .jobs(Some("ana"), None, None, 10)
+        .jobs(Some("ana"), None, None, 10, usize::MAX)
         .unwrap()
+        .0
         .iter()
         .map(|j| j.id.0)
         .collect();
     assert_eq!(ana, vec![4, 2]);
     let page: Vec<u64> = store
-        .jobs(None, None, Some(JobId(4)), 2)
+        .jobs(None, None, Some(JobId(4)), 2, usize::MAX)
         .unwrap()
+        .0
         .iter()
         .map(|j| j.id.0)
         .collect();
@@ -49,9 +51,18 @@ fn store_round_trips_records_and_lists_newest_first() {
         JobState::Succeeded
     );
     let succeeded = store
-        .jobs(None, Some(JobState::Succeeded), None, 10)
-        .unwrap();
+        .jobs(None, Some(JobState::Succeeded), None, 10, usize::MAX)
+        .unwrap()
+        .0;
     assert_eq!(succeeded.len(), 1);
+    // A page stops at its byte bound, with at least one job, and says so.
+    let one = serde_json::to_string(&*jobs[0]).unwrap().len();
+    let (page, cut) = store.jobs(None, None, None, 10, 2 * one + one / 2).unwrap();
+    assert_eq!((page.len(), cut), (2, true));
+    let (page, cut) = store.jobs(None, None, None, 10, 1).unwrap();
+    assert_eq!((page.len(), cut), (1, true));
+    let (page, cut) = store.jobs(None, None, None, 10, usize::MAX).unwrap();
+    assert_eq!((page.len(), cut), (5, false));
     assert_eq!(
         store.count_by_state().unwrap(),
         vec![("queued".to_string(), 4), ("succeeded".to_string(), 1)]
