@@ -448,6 +448,7 @@ fn agent_options(addr: SocketAddr, attempts: Option<u32>) -> AgentOptions {
         reconnect_min_ms: 100,
         reconnect_max_ms: 500,
         reconnect_attempts_max: attempts,
+        leave_alone_ms: None,
     }
 }
 

@@ -179,6 +179,7 @@ impl World {
                     reconnect_min_ms: 100,
                     reconnect_max_ms: topology.reconnect_max_ms,
                     reconnect_attempts_max: None,
+                    leave_alone_ms: None,
                 };
                 let runner = SimRunner {
                     agent: name.clone(),

@@ -229,6 +229,7 @@ fn start_agents(server: &Server, count: usize, cpus: u32) {
             reconnect_min_ms: 50,
             reconnect_max_ms: 1_000,
             reconnect_attempts_max: Some(50),
+            leave_alone_ms: None,
         };
         tokio::spawn(Agent::new(options, Arc::new(NoopRunner)).run());
     }

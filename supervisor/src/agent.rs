@@ -37,6 +37,11 @@ pub struct AgentOptions {
     pub reconnect_max_ms: u64,
     /// Give up after this many failed connects in a row (`None`: never).
     pub reconnect_attempts_max: Option<u32>,
+    /// Leave (return from `run`) once the supervisor has been out of reach
+    /// this long with nothing running here (`None`: never). A supervisor
+    /// stopped for good then leaves no agent reconnecting forever; one
+    /// restarted sooner finds its agents, and agents with runs stay for them.
+    pub leave_alone_ms: Option<u64>,
 }
 
 type Key = (JobId, u32);
@@ -187,13 +192,17 @@ impl Agent {
         let span = tracing::info_span!("agent", agent.id = %self.options.agent_id);
         async move {
             let mut failures: u32 = 0;
+            // Since when the supervisor has been out of reach.
+            let mut alone_since: Option<Millis> = None;
             loop {
                 let began = crate::seam::now();
                 match self.session().await {
                     Ok(Ended::Lost(why)) => {
                         info!(%why, "connection lost; reconnecting");
-                        let steady = crate::seam::now().ms_since(began) >= SESSION_STEADY_MS;
+                        let now = crate::seam::now();
+                        let steady = now.ms_since(began) >= SESSION_STEADY_MS;
                         failures = if steady { 1 } else { failures + 1 };
+                        alone_since = Some(now);
                     }
                     Err(why) => {
                         failures += 1;
@@ -201,6 +210,14 @@ impl Agent {
                         if let Some(max) = self.options.reconnect_attempts_max {
                             if failures >= max {
                                 return Err(AgentError::GaveUp(failures));
+                            }
+                        }
+                        let alone = *alone_since.get_or_insert(began);
+                        if let Some(leave) = self.options.leave_alone_ms {
+                            let away = crate::seam::now().ms_since(alone);
+                            if away >= leave && self.running.is_empty() {
+                                info!(away_ms = away, "no supervisor and nothing to run; leaving");
+                                return Ok(());
                             }
                         }
                     }

@@ -120,6 +120,10 @@ struct ServeArgs {
     /// Local agent processes to keep running (1 CPU each). [default: one per core]
     #[arg(long, env = "FOREMAN_LOCAL_AGENTS")]
     local_agents: Option<u32>,
+    /// Once the supervisor stops, a local agent with nothing to run leaves
+    /// after this long without it (one with runs stays for them). [default: 600]
+    #[arg(long, env = "FOREMAN_LOCAL_AGENT_LEAVE_SECS")]
+    local_agent_leave_secs: Option<u64>,
     /// How often the supervisor pings each agent. [default: 5000]
     #[arg(long, env = "FOREMAN_PING_INTERVAL_MS")]
     ping_interval_ms: Option<u64>,
@@ -148,6 +152,7 @@ struct ConfigFile {
     api_addr: Option<SocketAddr>,
     agent_addr: Option<SocketAddr>,
     local_agents: Option<u32>,
+    local_agent_leave_secs: Option<u64>,
     ping_interval_ms: Option<u64>,
     ping_timeout_ms: Option<u64>,
     hello_timeout_ms: Option<u64>,
@@ -178,6 +183,10 @@ struct AgentArgs {
     /// Where run dirs go. [default: ./foreman-runs]
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Exit once the supervisor has been out of reach this long with
+    /// nothing running here. [default: never]
+    #[arg(long)]
+    leave_after_secs: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -424,7 +433,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         commit_delay_ms: 0,
         http: file.http.unwrap_or_default(),
     };
-    let running = server::start(options).await.map_err(|e| e.to_string())?;
+    let grace_ms = options.core.agent_grace_ms;
+    let mut running = server::start(options).await.map_err(|e| e.to_string())?;
     let server_file = ServerFile {
         api: running.api_addr.to_string(),
         agent: running.agent_addr.to_string(),
@@ -448,22 +458,46 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         admin_token_path.display()
     );
     println!("Local agents: {local_agents}. Try: foreman submit -- echo hello");
+    let leave_secs = args
+        .local_agent_leave_secs
+        .or(file.local_agent_leave_secs)
+        .unwrap_or(600);
     for i in 0..local_agents {
-        tokio::spawn(local_agent(i, running.agent_addr, data_dir.clone()));
+        tokio::spawn(local_agent(
+            i,
+            running.agent_addr,
+            data_dir.clone(),
+            leave_secs,
+        ));
     }
-    foreman::select! {
-        _ = running.actor => Err("the scheduler stopped (see the log above)".to_string()),
-        _ = tokio::signal::ctrl_c() => {
-            println!("foreman: interrupted; stopping");
-            Ok(ExitCode::SUCCESS)
-        }
-    }
+    let signal = foreman::select! {
+        _ = &mut running.actor => return Err("the scheduler stopped (see the log above)".to_string()),
+        signal = foreman::seam::stop_signal() => signal,
+    };
+    // Whatever the scheduler took is committed once this query is answered
+    // (a query waits for the batch before it), journal included.
+    let (held, agents) = running
+        .core
+        .query(|core| {
+            let held = core.jobs().filter(|j| j.held().is_some()).count();
+            let agents = core.agents().filter(|a| !a.jobs.is_empty()).count();
+            (held, agents)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(data_dir.join("server.json"));
+    println!(
+        "foreman: {signal}: stopping. Everything accepted is committed. {held} jobs hold attempts on {agents} agents: they keep running, and a supervisor started again within agent_grace_ms ({} s) takes them back; later they end lost, or run again if they allow more attempts. Queued jobs wait in the store. Local agents with nothing to run leave after {leave_secs} s without a supervisor.",
+        grace_ms / 1000
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The local driver: keeps one agent process running, restarting it with
-/// backoff when it dies. Agents outlive a crashed supervisor and reconnect
-/// to the next one, which reconciles their jobs.
-async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf) {
+/// backoff when it dies. Agents outlive a stopped or crashed supervisor and
+/// reconnect to the next one, which reconciles their jobs; with nothing to
+/// run, they leave after `leave_secs` without one.
+async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf, leave_secs: u64) {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -484,6 +518,8 @@ async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf) {
             .arg(format!("local-{index}"))
             .arg("--work-dir")
             .arg(data_dir.join("runs").join(format!("local-{index}")))
+            .arg("--leave-after-secs")
+            .arg(leave_secs.to_string())
             .kill_on_drop(false)
             .spawn();
         match child {
@@ -538,6 +574,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         reconnect_min_ms: 100,
         reconnect_max_ms: 10_000,
         reconnect_attempts_max: None,
+        leave_alone_ms: args.leave_after_secs.map(|secs| secs.saturating_mul(1000)),
     };
     let runner = ProcessRunner {
         groups: Some(Arc::new(groups)),

@@ -107,3 +107,29 @@ impl hyper::rt::Timer for HyperTimer {
         self.sleep(deadline.saturating_duration_since(std::time::Instant::now()))
     }
 }
+
+/// Waits for the signal to stop (SIGTERM or SIGINT) and names it. In a
+/// simulation nothing sends one: it never comes.
+pub async fn stop_signal() -> &'static str {
+    #[cfg(madsim)]
+    {
+        std::future::pending().await
+    }
+    #[cfg(not(madsim))]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => crate::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+}

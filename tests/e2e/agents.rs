@@ -65,6 +65,7 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         reconnect_min_ms: 50,
         reconnect_max_ms: 500,
         reconnect_attempts_max: Some(100),
+        leave_alone_ms: None,
     };
     tokio::spawn(Agent::new(options, Arc::new(PanickingRunner)).run());
     let admin = Client::new(running.api_addr.to_string(), "admin-secret");

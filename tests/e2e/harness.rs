@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use foreman::client::Client;
@@ -108,7 +108,7 @@ impl Supervisor {
             .args(&self.extra)
             .env("FOREMAN_LOG", "info")
             .env("FOREMAN_DATA_DIR", self.path())
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("foreman serve starts");
@@ -135,6 +135,38 @@ impl Supervisor {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends SIGTERM to the supervisor and waits (with a bound) for it to
+    /// exit; returns whether it exited successfully.
+    pub async fn stop(&mut self) -> bool {
+        let mut child = self.process.take().expect("a running supervisor");
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        wait_for("the supervisor to exit", Duration::from_secs(20), || {
+            let status = child.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await
+        .success()
+    }
+
+    /// Everything the supervisor printed in all its runs so far.
+    pub fn log(&self) -> String {
+        let mut names: Vec<_> = std::fs::read_dir(self.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("serve-"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| std::fs::read_to_string(self.path().join(n)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Creates a user with the CLI; returns a client with their token.

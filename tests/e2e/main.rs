@@ -6,6 +6,7 @@ mod agents;
 mod bounds;
 mod harness;
 mod hostile;
+mod lifecycle;
 mod many_users;
 
 use std::time::Duration;

@@ -46,6 +46,7 @@ fn options() -> AgentOptions {
         reconnect_min_ms: 4,
         reconnect_max_ms: 64,
         reconnect_attempts_max: None,
+        leave_alone_ms: None,
     }
 }
 
@@ -318,6 +319,7 @@ async fn reconnects_back_off_exponentially_within_bounds_with_jitter_over_the_up
 async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
     let options = AgentOptions {
         reconnect_attempts_max: Some(3),
+        leave_alone_ms: None,
         ..options()
     };
     let agent = Agent::new(options, Arc::new(Counting::default()));
@@ -325,6 +327,23 @@ async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
         Err(AgentError::GaveUp(failures)) => assert_eq!(failures, 3),
         Ok(()) => panic!("it cannot succeed with nobody to connect to"),
     }
+}
+
+#[tokio::test]
+async fn an_agent_alone_with_nothing_to_run_leaves_and_one_with_a_run_stays() {
+    let options = AgentOptions {
+        leave_alone_ms: Some(50),
+        ..options()
+    };
+    // Nothing running: it leaves, having tried more than once.
+    let agent = Agent::new(options.clone(), Arc::new(Counting::default()));
+    let left = tokio::time::timeout(Duration::from_secs(20), agent.run()).await;
+    assert!(matches!(left, Ok(Ok(()))), "{left:?}");
+    // A run in progress (the counting runner never ends one): it stays.
+    let mut agent = Agent::new(options, Arc::new(Counting::default()));
+    agent.obey(run(1));
+    let stayed = tokio::time::timeout(Duration::from_millis(500), agent.run()).await;
+    assert!(stayed.is_err(), "an agent with a run left it: {stayed:?}");
 }
 
 #[tokio::test]
