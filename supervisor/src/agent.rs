@@ -5,6 +5,7 @@
 //! so no completion is lost across a reconnect. Reconnects back off
 //! exponentially with jitter, within bounds.
 
+pub mod retention;
 pub mod runner;
 
 use std::collections::BTreeMap;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use foreman::agent::retention::Retention;
 use foreman::agent::{Agent, AgentOptions, ProcessRunner};
 use foreman::client::{Client, WatchEvent};
 use foreman::core::{CoreConfig, JobId, JobState, SubmitSpec};
@@ -164,6 +165,9 @@ struct ConfigFile {
     /// Bounds on the API's connections and event streams.
     #[serde(default)]
     http: Option<HttpLimits>,
+    /// How long and how much of finished runs' dirs local agents keep.
+    #[serde(default)]
+    run_dirs: Option<Retention>,
 }
 
 #[derive(Args, Clone)]
@@ -187,6 +191,12 @@ struct AgentArgs {
     /// nothing running here. [default: never]
     #[arg(long)]
     leave_after_secs: Option<u64>,
+    /// Remove a finished run's dir once untouched this long. [default: 168]
+    #[arg(long)]
+    keep_run_dirs_hours: Option<u64>,
+    /// Past this many MiB of run dirs, remove the oldest finished. [default: 10240]
+    #[arg(long)]
+    run_dirs_max_mib: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -244,10 +254,12 @@ fn core_defaults_toml() -> String {
     #[derive(Serialize)]
     struct File {
         http: HttpLimits,
+        run_dirs: Retention,
         core: CoreConfig,
     }
     let text = toml::to_string(&File {
         http: HttpLimits::default(),
+        run_dirs: Retention::default(),
         core: CoreConfig::default(),
     })
     .unwrap_or_default();
@@ -462,12 +474,14 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .local_agent_leave_secs
         .or(file.local_agent_leave_secs)
         .unwrap_or(600);
+    let retention = file.run_dirs.clone().unwrap_or_default();
     for i in 0..local_agents {
         tokio::spawn(local_agent(
             i,
             running.agent_addr,
             data_dir.clone(),
             leave_secs,
+            retention.clone(),
         ));
     }
     let signal = foreman::select! {
@@ -497,7 +511,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
 /// backoff when it dies. Agents outlive a stopped or crashed supervisor and
 /// reconnect to the next one, which reconciles their jobs; with nothing to
 /// run, they leave after `leave_secs` without one.
-async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf, leave_secs: u64) {
+async fn local_agent(
+    index: u32,
+    agent_addr: SocketAddr,
+    data_dir: PathBuf,
+    leave_secs: u64,
+    retention: Retention,
+) {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -520,6 +540,10 @@ async fn local_agent(index: u32, agent_addr: SocketAddr, data_dir: PathBuf, leav
             .arg(data_dir.join("runs").join(format!("local-{index}")))
             .arg("--leave-after-secs")
             .arg(leave_secs.to_string())
+            .arg("--keep-run-dirs-hours")
+            .arg(retention.keep_hours.to_string())
+            .arg("--run-dirs-max-mib")
+            .arg(retention.max_mib.to_string())
             .kill_on_drop(false)
             .spawn();
         match child {
@@ -576,8 +600,13 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         reconnect_attempts_max: None,
         leave_alone_ms: args.leave_after_secs.map(|secs| secs.saturating_mul(1000)),
     };
+    let defaults = Retention::default();
     let runner = ProcessRunner {
         groups: Some(Arc::new(groups)),
+        retention: Retention {
+            keep_hours: args.keep_run_dirs_hours.unwrap_or(defaults.keep_hours),
+            max_mib: args.run_dirs_max_mib.unwrap_or(defaults.max_mib),
+        },
         ..ProcessRunner::default()
     };
     Agent::new(options, Arc::new(runner))

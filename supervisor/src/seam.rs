@@ -133,3 +133,20 @@ pub async fn stop_signal() -> &'static str {
         }
     }
 }
+
+/// Runs `work` (file system work that may take a while) off the async
+/// threads; in a simulation, where nothing may block outside the
+/// simulator's sight, in place.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    #[cfg(madsim)]
+    {
+        work()
+    }
+    #[cfg(not(madsim))]
+    {
+        match tokio::task::spawn_blocking(work).await {
+            Ok(value) => value,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}

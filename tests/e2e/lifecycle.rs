@@ -57,3 +57,56 @@ async fn lifecycle_a_stop_keeps_running_jobs_for_a_restart_and_a_stop_for_good_e
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_old_run_dirs_are_removed_by_age_and_by_size() {
+    let config = "[run_dirs]\nkeep_hours = 24\nmax_mib = 1\n";
+    let sup = Supervisor::start_with(1, Some(config)).await;
+    sup.wait_agents(1).await;
+    let work = sup.path().join("runs").join("local-0");
+    let day = Duration::from_secs(24 * 3600);
+    let made = |name: &str, bytes: usize, age: Duration| {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("output"), vec![b'x'; bytes]).unwrap();
+        let at = std::time::UNIX_EPOCH
+            + Duration::from_millis(foreman::seam::now().0)
+            - age;
+        for path in [dir.join("output"), dir.clone()] {
+            std::fs::File::open(&path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        }
+        dir
+    };
+    let ancient = made("9001-1", 10, 3 * day);
+    let large = made("9002-1", 2 * 1024 * 1024, Duration::from_secs(60));
+    let small = made("9003-1", 10, Duration::from_secs(30));
+    // The agent's first run sweeps its work dir.
+    let job = sup
+        .admin
+        .submit(&SubmitSpec::command(["echo", "swept"]))
+        .await
+        .unwrap()
+        .job
+        .id;
+    sup.wait_state(&sup.admin, job, JobState::Succeeded, BOUND)
+        .await;
+    wait_for(
+        "the old and the over-size run dirs removed",
+        BOUND,
+        || async { (!ancient.exists() && !large.exists()).then_some(()) },
+    )
+    .await;
+    assert!(small.exists(), "within both bounds, kept");
+    let own = work.join(format!("{}-1", job.0));
+    assert_eq!(
+        std::fs::read_to_string(own.join("output")).unwrap(),
+        "swept\n"
+    );
+    assert!(
+        work.join("agent.lock").exists(),
+        "the agent's own files stay"
+    );
+}

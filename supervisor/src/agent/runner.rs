@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::retention::{Retention, RunDirs};
 use crate::core::{FinishedReport, JobId, JobSpec, Outcome};
 
 /// One attempt to run.
@@ -57,6 +58,9 @@ pub struct ProcessRunner {
     /// Where live process groups are recorded, so that the next agent on
     /// this work dir can reap what this one leaves behind if it dies.
     pub groups: Option<Arc<GroupLog>>,
+    /// How long and how much of finished runs' dirs are kept.
+    pub retention: Retention,
+    pub run_dirs: Arc<RunDirs>,
 }
 
 impl Default for ProcessRunner {
@@ -65,6 +69,8 @@ impl Default for ProcessRunner {
             kill_grace_ms: 5_000,
             output_tail_bytes: 4096,
             groups: None,
+            retention: Retention::default(),
+            run_dirs: Arc::default(),
         }
     }
 }
@@ -88,6 +94,13 @@ impl ProcessRunner {
             output_tail: String::new(),
             run_ms: 0,
         };
+        // In use before it exists, so that no sweep can take it.
+        let _in_use = self.run_dirs.enter(&order.run_dir);
+        if let Some(work_dir) = order.run_dir.parent() {
+            let (dirs, work_dir) = (self.run_dirs.clone(), work_dir.to_path_buf());
+            let retention = self.retention.clone();
+            tokio::spawn(async move { dirs.maybe_sweep(&work_dir, &retention, began).await });
+        }
         if let Err(e) = std::fs::create_dir_all(&order.run_dir) {
             return spawn_failed(format!("run dir {}: {e}", order.run_dir.display()));
         }
