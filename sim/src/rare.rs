@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use foreman::core::EventKind;
 
+use crate::scenario::Action;
 use crate::trace::{Entry, Ev, ProcessEnd};
 
 /// Every rare event, with what it means.
-pub const ALL: [(&str, &str); 21] = [
+pub const ALL: [(&str, &str); 22] = [
     (
         "cancel-while-queued",
         "a cancel reached the core while the job waited for a slot",
@@ -99,6 +100,10 @@ pub const ALL: [(&str, &str); 21] = [
         "ran-after-set-aside",
         "a job set aside (larger than every connected agent) was dispatched once one fit it",
     ),
+    (
+        "result-kept-across-restart",
+        "a result kept on disk by an agent that then crashed was heard from its restarted agent",
+    ),
 ];
 
 pub fn is_known(name: &str) -> bool {
@@ -144,6 +149,9 @@ pub fn reached(trace: &[Entry]) -> BTreeMap<&'static str, usize> {
     let mut kept_on: Option<String> = None;
     // Jobs set aside and not dispatched since.
     let mut aside: BTreeSet<u64> = BTreeSet::new();
+    // Results kept on disk, not yet heard: (job, attempt, agent) → whether
+    // the agent has restarted since.
+    let mut kept: BTreeMap<(u64, u32, String), bool> = BTreeMap::new();
     for (i, e) in trace.iter().enumerate() {
         // The reconnect's own step is over when an entry of another kind,
         // or of another instant, comes: were its attempts kept?
@@ -349,7 +357,35 @@ pub fn reached(trace: &[Entry]) -> BTreeMap<&'static str, usize> {
                 }
             }
             Ev::SubmitAbandoned { .. } => hit("submit-abandoned"),
+            Ev::ResultKept {
+                job,
+                attempt,
+                agent,
+            } => {
+                kept.insert((*job, *attempt, agent.clone()), false);
+            }
+            Ev::Fault {
+                action: Some(Action::RestartAgent),
+                agents,
+                ..
+            } => {
+                for ((_, _, agent), restarted) in kept.iter_mut() {
+                    *restarted |= agents.contains(agent);
+                }
+            }
             _ => {}
+        }
+        if let Ev::Core {
+            kind: EventKind::Finished | EventKind::StaleReport,
+            job: Some(job),
+            attempt: Some(attempt),
+            agent: Some(agent),
+            ..
+        } = &e.ev
+        {
+            if kept.remove(&(*job, *attempt, agent.clone())) == Some(true) {
+                hit("result-kept-across-restart");
+            }
         }
     }
     seen

@@ -21,8 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foreman::agent::runner::{tail_of, RunControl, RunFuture, RunOrder, Runner};
-use foreman::core::{FinishedReport, Outcome};
+use foreman::agent::runner::{
+    kept_result, kept_result_key, tail_of, RunControl, RunFuture, RunOrder, Runner,
+};
+use foreman::core::{FinishedReport, JobId, Outcome};
 
 use crate::scenario::JobPlan;
 use crate::trace::{Ev, ProcessEnd, Trace};
@@ -58,6 +60,32 @@ impl Disk {
         file.lock().expect("file lock").clear();
         file
     }
+
+    fn remove(&self, path: &std::path::Path) {
+        self.0.lock().expect("disk lock").remove(path);
+    }
+
+    /// The files directly in `dir`: (name, bytes).
+    fn list(&self, dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        let files = self.0.lock().expect("disk lock");
+        files
+            .iter()
+            .filter(|(path, _)| path.parent() == Some(dir))
+            .map(|(path, file)| {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                (
+                    name.unwrap_or_default(),
+                    file.lock().expect("file lock").clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Where a simulated agent keeps the results it has not had acknowledged:
+/// one file each, as the real runner does.
+fn outbox_dir() -> PathBuf {
+    PathBuf::from("/nonexistent/sim/outbox")
 }
 
 fn write(file: &OutputFile, bytes: &[u8]) {
@@ -126,6 +154,42 @@ pub fn process_env(job: &JobPlan) -> BTreeMap<String, String> {
 impl Runner for SimRunner {
     fn kill_grace_ms(&self) -> u64 {
         self.kill_grace_ms
+    }
+
+    /// On the host's disk, which a restart keeps and a reboot onto a new
+    /// node does not; read back with the real runner's parser.
+    fn keep_result(&self, job: JobId, attempt: u32, report: &FinishedReport) {
+        let file = self
+            .disk
+            .create(outbox_dir().join(format!("{job}-{attempt}.json")));
+        write(
+            &file,
+            &serde_json::to_vec(report).expect("a report serializes"),
+        );
+        self.trace.push(Ev::ResultKept {
+            job: job.0,
+            attempt,
+            agent: self.agent.clone(),
+        });
+    }
+
+    fn drop_result(&self, job: JobId, attempt: u32) {
+        self.disk
+            .remove(&outbox_dir().join(format!("{job}-{attempt}.json")));
+    }
+
+    fn kept_results(&self) -> Vec<(JobId, u32, FinishedReport)> {
+        let mut kept: Vec<_> = self
+            .disk
+            .list(&outbox_dir())
+            .into_iter()
+            .filter_map(|(name, bytes)| {
+                let (job, attempt) = kept_result_key(&name)?;
+                Some((job, attempt, kept_result(&bytes).ok()?))
+            })
+            .collect();
+        kept.sort_by_key(|(job, attempt, _)| (*job, *attempt));
+        kept
     }
 
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture {

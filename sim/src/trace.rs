@@ -49,6 +49,12 @@ pub enum Ev {
         agent: String,
         end: ProcessEnd,
     },
+    /// An agent kept a result on its host's disk, unacknowledged.
+    ResultKept {
+        job: u64,
+        attempt: u32,
+        agent: String,
+    },
     /// A submission was acknowledged to its client.
     Acked {
         name: String,
@@ -380,6 +386,11 @@ pub fn summary(entries: &[Entry]) -> String {
                 agent,
                 end,
             } => format!("process {job}/{attempt} on {agent}: {end:?}"),
+            Ev::ResultKept {
+                job,
+                attempt,
+                agent,
+            } => format!("{agent} keeps the result of {job}/{attempt} on disk"),
             Ev::Acked { name, job } => format!("client: {name} is job {job}"),
             Ev::SubmitFailed { name, error } => format!("client: {name} not submitted: {error}"),
             Ev::SubmitAbandoned { name } => format!("client: gives up submitting {name}"),

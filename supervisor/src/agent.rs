@@ -2,7 +2,8 @@
 //! with what it still runs and what it finished without an acknowledgement,
 //! runs what it is told through a `Runner`, kills what it is told to kill,
 //! and keeps every result in an outbox until the supervisor acknowledges it,
-//! so no completion is lost across a reconnect. Reconnects back off
+//! so no completion is lost across a reconnect, nor (kept on disk by its
+//! runner) across the agent's own crash. Reconnects back off
 //! exponentially with jitter, within bounds.
 
 pub mod retention;
@@ -103,13 +104,26 @@ enum Ended {
 }
 
 impl Agent {
+    /// An agent; results an earlier agent kept and never had acknowledged
+    /// (`Runner::kept_results`) start in its outbox.
     pub fn new(options: AgentOptions, runner: Arc<dyn Runner>) -> Agent {
         let (events_tx, events) = mpsc::unbounded_channel();
+        let outbox: BTreeMap<Key, FinishedReport> = runner
+            .kept_results()
+            .into_iter()
+            .map(|(job, attempt, report)| ((job, attempt), report))
+            .collect();
+        if !outbox.is_empty() {
+            info!(
+                results = outbox.len(),
+                "results kept by an earlier agent, not yet acknowledged"
+            );
+        }
         Agent {
             options,
             runner,
             running: BTreeMap::new(),
-            outbox: BTreeMap::new(),
+            outbox,
             events_tx,
             events,
             fence_ms: None,
@@ -260,6 +274,7 @@ impl Agent {
                 if fenced && report.outcome == Outcome::Killed {
                     report.outcome = Outcome::Fenced;
                 }
+                self.runner.keep_result(key.0, key.1, &report);
                 self.outbox.insert(key, report.clone());
                 Some(finished_msg(key, report))
             }
@@ -485,7 +500,9 @@ impl Agent {
                 None
             }
             ToAgentMsg::Ack { job, attempt } => {
-                self.outbox.remove(&(job, attempt));
+                if self.outbox.remove(&(job, attempt)).is_some() {
+                    self.runner.drop_result(job, attempt);
+                }
                 None
             }
         }

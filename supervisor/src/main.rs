@@ -601,8 +601,10 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         leave_alone_ms: args.leave_after_secs.map(|secs| secs.saturating_mul(1000)),
     };
     let defaults = Retention::default();
+    let outbox_dir = options.work_dir.join("outbox");
     let runner = ProcessRunner {
         groups: Some(Arc::new(groups)),
+        outbox_dir: Some(outbox_dir),
         retention: Retention {
             keep_hours: args.keep_run_dirs_hours.unwrap_or(defaults.keep_hours),
             max_mib: args.run_dirs_max_mib.unwrap_or(defaults.max_mib),

@@ -69,9 +69,7 @@ async fn lifecycle_old_run_dirs_are_removed_by_age_and_by_size() {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("output"), vec![b'x'; bytes]).unwrap();
-        let at = std::time::UNIX_EPOCH
-            + Duration::from_millis(foreman::seam::now().0)
-            - age;
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(foreman::seam::now().0) - age;
         for path in [dir.join("output"), dir.clone()] {
             std::fs::File::open(&path)
                 .unwrap()
@@ -109,4 +107,56 @@ async fn lifecycle_old_run_dirs_are_removed_by_age_and_by_size() {
         work.join("agent.lock").exists(),
         "the agent's own files stay"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_a_result_outlives_its_agents_crash() {
+    let mut sup = Supervisor::start(1).await;
+    sup.wait_agents(1).await;
+    let job = sup
+        .admin
+        .submit(&SubmitSpec::command([
+            "sh",
+            "-c",
+            "sleep 1; echo kept; exit 3",
+        ]))
+        .await
+        .unwrap()
+        .job
+        .id;
+    sup.wait_state(&sup.admin, job, JobState::Running, BOUND)
+        .await;
+    // The supervisor dies; the job ends meanwhile, its result unacknowledged;
+    // then the agent dies too.
+    sup.kill_9();
+    let outbox = sup.path().join("runs").join("local-0").join("outbox");
+    let kept = outbox.join(format!("{}-1.json", job.0));
+    wait_for("the result kept on disk", BOUND, || async {
+        kept.exists().then_some(())
+    })
+    .await;
+    for pid in sup.agent_pids("local-0") {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    wait_for("the agent gone", BOUND, || async {
+        sup.agent_pids("local-0").is_empty().then_some(())
+    })
+    .await;
+    // A new supervisor and a new agent on the same work dir: the result is
+    // heard, the job ends as its program did, in one attempt.
+    sup.restart(1).await;
+    let done = sup
+        .wait_state(&sup.admin, job, JobState::Failed, BOUND)
+        .await;
+    assert_eq!(done.job.exit_code, Some(3));
+    assert_eq!(done.job.output_tail, "kept\n");
+    assert_eq!(done.job.attempts.len(), 1);
+    wait_for(
+        "the kept result dropped once acknowledged",
+        BOUND,
+        || async { (!kept.exists()).then_some(()) },
+    )
+    .await;
 }

@@ -89,8 +89,13 @@ impl Links {
 }
 
 pub(super) struct ResultKept {
-    /// Results produced and not yet heard of: (job, attempt, agent) → when.
+    /// Results produced and not yet heard of or kept on disk:
+    /// (job, attempt, agent) → when.
     produced: BTreeMap<(u64, u32, String), u64>,
+    /// Results kept on their host's disk, not yet heard of.
+    kept: BTreeMap<(u64, u32, String), u64>,
+    /// Kept on the disk of a host that is down (killed, not yet restarted).
+    dormant: BTreeMap<(u64, u32, String), u64>,
     settled: bool,
 }
 
@@ -98,6 +103,8 @@ impl ResultKept {
     pub(super) fn new() -> ResultKept {
         ResultKept {
             produced: BTreeMap::new(),
+            kept: BTreeMap::new(),
+            dormant: BTreeMap::new(),
             settled: false,
         }
     }
@@ -118,6 +125,16 @@ impl Checker for ResultKept {
             } => {
                 self.produced.insert((*job, *attempt, agent.clone()), e.at);
             }
+            Ev::ResultKept {
+                job,
+                attempt,
+                agent,
+            } => {
+                let key = (*job, *attempt, agent.clone());
+                if let Some(at) = self.produced.remove(&key) {
+                    self.kept.insert(key, at);
+                }
+            }
             Ev::Core {
                 kind: EventKind::Finished | EventKind::StaleReport,
                 job: Some(job),
@@ -125,14 +142,40 @@ impl Checker for ResultKept {
                 agent: Some(agent),
                 ..
             } => {
-                self.produced.remove(&(*job, *attempt, agent.clone()));
+                let key = (*job, *attempt, agent.clone());
+                self.produced.remove(&key);
+                self.kept.remove(&key);
+                self.dormant.remove(&key);
             }
-            // Its outbox died with it.
+            // What was only in memory died with the agent; what it kept on
+            // disk waits for the host to come back (a restart), or is gone
+            // with it (a reboot onto a new node).
             Ev::Fault {
-                action: Some(Action::KillAgent | Action::RestartAgent | Action::RebootAgent),
+                action:
+                    Some(action @ (Action::KillAgent | Action::RestartAgent | Action::RebootAgent)),
                 agents,
                 ..
-            } => self.produced.retain(|(_, _, a), _| !agents.contains(a)),
+            } => {
+                let on = |key: &(u64, u32, String)| agents.contains(&key.2);
+                self.produced.retain(|key, _| !on(key));
+                let (down, up): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.kept)
+                    .into_iter()
+                    .partition(|(k, _)| on(k));
+                self.kept = up;
+                self.dormant.extend(down);
+                match action {
+                    Action::RestartAgent => {
+                        let (back, still): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                            std::mem::take(&mut self.dormant)
+                                .into_iter()
+                                .partition(|(k, _)| on(k));
+                        self.dormant = still;
+                        self.kept.extend(back);
+                    }
+                    Action::RebootAgent => self.dormant.retain(|key, _| !on(key)),
+                    _ => {}
+                }
+            }
             Ev::Settled { ok, .. } => self.settled = *ok,
             _ => {}
         }
@@ -148,6 +191,15 @@ impl Checker for ResultKept {
                 end,
                 format!(
                     "job {job} attempt {attempt} ended on {agent} at {at} ms and the supervisor never heard of its result"
+                ),
+            ));
+        }
+        for ((job, attempt, agent), at) in &self.kept {
+            out.push(violation(
+                self.name(),
+                end,
+                format!(
+                    "job {job} attempt {attempt} ended on {agent} at {at} ms, its result was kept on disk, and the supervisor never heard of it"
                 ),
             ));
         }

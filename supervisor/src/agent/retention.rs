@@ -127,10 +127,20 @@ struct Found {
     bytes: u64,
 }
 
-/// Removes from `work_dir` the run dirs not in `live` that are older than
+/// A run dir's name: `<job>-<attempt>`.
+fn is_run_dir_name(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(job, attempt)| {
+        [job, attempt]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Removes from `work_dir` the run dirs not in use that are older than
 /// the policy keeps, then, oldest first, those past its size bound. Only
-/// directories directly in `work_dir` are run dirs; files there (the
-/// agent's own) are never touched, nor is anything reached by a symlink.
+/// directories directly in `work_dir` named `<job>-<attempt>` are run dirs;
+/// anything else there (the agent's own files, its outbox) is never
+/// touched, nor is anything reached by a symlink.
 pub fn sweep(
     work_dir: &Path,
     is_live: impl Fn(&Path) -> bool,
@@ -143,7 +153,7 @@ pub fn sweep(
         let Ok(kind) = entry.file_type() else {
             continue;
         };
-        if !kind.is_dir() {
+        if !kind.is_dir() || !is_run_dir_name(&entry.file_name().to_string_lossy()) {
             continue;
         }
         let path = entry.path();
@@ -255,6 +265,7 @@ mod tests {
         let recent = run_dir(work.path(), "4-1", mib, now, 1);
         let live = run_dir(work.path(), "5-1", 2 * mib, now, 300);
         std::fs::write(work.path().join("agent.lock"), b"").unwrap();
+        let outbox = run_dir(work.path(), "outbox", 10, now, 900);
         let policy = Retention {
             keep_hours: 168,
             max_mib: 4,
@@ -269,6 +280,7 @@ mod tests {
             work.path().join("agent.lock").exists(),
             "files are not run dirs"
         );
+        assert!(outbox.exists(), "nor are dirs of other names");
         assert_eq!(swept.freed_bytes, mib as u64 + 10);
         assert_eq!(swept.kept_bytes, 4 * mib as u64);
         // Within both bounds, nothing more goes.

@@ -45,6 +45,44 @@ pub trait Runner: Send + Sync + 'static {
     fn kill_grace_ms(&self) -> u64 {
         0
     }
+
+    /// Keeps a result the supervisor has not acknowledged where the agent's
+    /// own crash does not lose it (the host's disk), so that the next agent
+    /// on this work dir reports it. By default nowhere: it lives as long as
+    /// the agent does.
+    fn keep_result(&self, _job: JobId, _attempt: u32, _report: &FinishedReport) {}
+
+    /// The supervisor acknowledged the result: it need not be kept.
+    fn drop_result(&self, _job: JobId, _attempt: u32) {}
+
+    /// The results kept by an earlier agent and never acknowledged.
+    fn kept_results(&self) -> Vec<(JobId, u32, FinishedReport)> {
+        Vec::new()
+    }
+}
+
+/// The largest kept result file read back (a report is a tail and a few
+/// fields: far below this).
+pub const KEPT_RESULT_BYTES_MAX: u64 = 1024 * 1024;
+
+/// A kept result's file name, `<job>-<attempt>.json`, read back.
+pub fn kept_result_key(name: &str) -> Option<(JobId, u32)> {
+    let (job, attempt) = name.strip_suffix(".json")?.split_once('-')?;
+    let job: u64 = job.parse().ok()?;
+    let attempt: u32 = attempt.parse().ok()?;
+    (job > 0 && attempt > 0 && format!("{job}-{attempt}.json") == name)
+        .then_some((JobId(job), attempt))
+}
+
+/// A kept result's file, read back: the report it holds, or why not.
+pub fn kept_result(bytes: &[u8]) -> Result<FinishedReport, String> {
+    if bytes.len() as u64 > KEPT_RESULT_BYTES_MAX {
+        return Err(format!(
+            "{} bytes; at most {KEPT_RESULT_BYTES_MAX}",
+            bytes.len()
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 /// Runs commands as real processes: in the attempt's run dir (or the job's
@@ -61,6 +99,8 @@ pub struct ProcessRunner {
     /// How long and how much of finished runs' dirs are kept.
     pub retention: Retention,
     pub run_dirs: Arc<RunDirs>,
+    /// Where unacknowledged results are kept, a file each (`None`: not kept).
+    pub outbox_dir: Option<PathBuf>,
 }
 
 impl Default for ProcessRunner {
@@ -71,6 +111,7 @@ impl Default for ProcessRunner {
             groups: None,
             retention: Retention::default(),
             run_dirs: Arc::default(),
+            outbox_dir: None,
         }
     }
 }
@@ -78,6 +119,59 @@ impl Default for ProcessRunner {
 impl Runner for ProcessRunner {
     fn kill_grace_ms(&self) -> u64 {
         self.kill_grace_ms
+    }
+
+    /// Written whole to a temporary name, then renamed: a crash leaves the
+    /// old file or the new one, never half of one. Not fsynced: it survives
+    /// the agent's crash, not the host's power loss.
+    fn keep_result(&self, job: JobId, attempt: u32, report: &FinishedReport) {
+        let Some(dir) = &self.outbox_dir else { return };
+        let path = dir.join(format!("{job}-{attempt}.json"));
+        let temporary = dir.join(format!(".{job}-{attempt}.json.new"));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&temporary, serde_json::to_vec(report)?))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "result cannot be kept on disk");
+        }
+    }
+
+    fn drop_result(&self, job: JobId, attempt: u32) {
+        let Some(dir) = &self.outbox_dir else { return };
+        let _ = std::fs::remove_file(dir.join(format!("{job}-{attempt}.json")));
+    }
+
+    /// Files that are not kept results, or cannot be read as one, are
+    /// named in the log and moved aside (`.bad`), never trusted.
+    fn kept_results(&self) -> Vec<(JobId, u32, FinishedReport)> {
+        let Some(dir) = &self.outbox_dir else {
+            return Vec::new();
+        };
+        let mut kept = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.ends_with(".bad") {
+                continue;
+            }
+            let read = kept_result_key(&name).ok_or_else(|| "not <job>-<attempt>.json".to_string());
+            let read = read.and_then(|key| {
+                let size = entry.metadata().map_err(|e| e.to_string())?.len();
+                if size > KEPT_RESULT_BYTES_MAX {
+                    return Err(format!("{size} bytes; at most {KEPT_RESULT_BYTES_MAX}"));
+                }
+                let bytes = std::fs::read(entry.path()).map_err(|e| e.to_string())?;
+                Ok((key, kept_result(&bytes)?))
+            });
+            match read {
+                Ok(((job, attempt), report)) => kept.push((job, attempt, report)),
+                Err(why) => {
+                    tracing::warn!(file = %entry.path().display(), %why, "not a kept result; moved aside");
+                    let _ = std::fs::rename(entry.path(), dir.join(format!("{name}.bad")));
+                }
+            }
+        }
+        kept.sort_by_key(|(job, attempt, _)| (*job, *attempt));
+        kept
     }
 
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture {

@@ -459,3 +459,94 @@ fn an_output_file_that_is_gone_has_an_empty_tail() {
     let missing = std::env::temp_dir().join("foreman-no-such-dir/output");
     assert_eq!(runner::read_tail(&missing, 64), "");
 }
+
+#[tokio::test]
+async fn a_result_kept_on_disk_outlives_the_agent_and_goes_once_acknowledged() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = || ProcessRunner {
+        outbox_dir: Some(work.path().join("outbox")),
+        ..ProcessRunner::default()
+    };
+    let options = || AgentOptions {
+        work_dir: work.path().to_path_buf(),
+        ..options()
+    };
+    let killed = |agent: &mut Agent| {
+        assert_eq!(agent.obey(run(7)), None);
+        let kill = ToAgentMsg::Kill {
+            job: JobId(7),
+            attempt: 1,
+            reason: KillReason::Stop(StopReason::Cancel),
+        };
+        agent.obey(kill)
+    };
+    // A result finished and never acknowledged; then the agent dies.
+    let mut agent = Agent::new(options(), Arc::new(disk()));
+    assert_eq!(killed(&mut agent), None);
+    loop {
+        let event = agent.events.recv().await.expect("an event");
+        if matches!(agent.absorb(event), Some(FromAgent::Finished { .. })) {
+            break;
+        }
+    }
+    drop(agent);
+    // The next agent on the work dir names it in its hello, and sends it.
+    let mut next = Agent::new(options(), Arc::new(disk()));
+    assert_eq!(keys_in_hello(&next), vec![(7, 1)]);
+    assert_eq!(next.outbox[&(JobId(7), 1)].outcome, Outcome::Killed);
+    // Acknowledged: no longer kept.
+    next.obey(ToAgentMsg::Ack {
+        job: JobId(7),
+        attempt: 1,
+    });
+    assert!(next.outbox.is_empty());
+    assert!(keys_in_hello(&Agent::new(options(), Arc::new(disk()))).is_empty());
+}
+
+#[test]
+fn kept_results_that_are_not_results_are_moved_aside_never_trusted() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("outbox");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = FinishedReport {
+        outcome: Outcome::Exited { code: 3 },
+        output_tail: "done\n".into(),
+        run_ms: 12,
+    };
+    std::fs::write(dir.join("5-2.json"), serde_json::to_vec(&good).unwrap()).unwrap();
+    let hostile: [(&str, Vec<u8>); 7] = [
+        ("6-1.json", b"{not json".to_vec()),
+        (
+            "7-1.json",
+            br#"{"outcome":{"type":"exploded"},"output_tail":"","run_ms":0}"#.to_vec(),
+        ),
+        (
+            "8-1.json",
+            vec![b' '; (runner::KEPT_RESULT_BYTES_MAX + 1) as usize],
+        ),
+        ("0-1.json", serde_json::to_vec(&good).unwrap()),
+        ("9-01.json", serde_json::to_vec(&good).unwrap()),
+        ("notes.txt", b"hello".to_vec()),
+        ("../escape.json", b"{}".to_vec()),
+    ];
+    for (name, bytes) in &hostile {
+        if !name.contains('/') {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    // A half-written one of a crash mid-write is a hidden temporary: skipped.
+    std::fs::write(dir.join(".4-1.json.new"), b"{\"outc").unwrap();
+    let runner = ProcessRunner {
+        outbox_dir: Some(dir.clone()),
+        ..ProcessRunner::default()
+    };
+    assert_eq!(runner.kept_results(), vec![(JobId(5), 2, good)]);
+    for (name, _) in hostile.iter().filter(|(n, _)| !n.contains('/')) {
+        assert!(
+            dir.join(format!("{name}.bad")).exists(),
+            "{name} moved aside"
+        );
+    }
+    assert_eq!(runner.kept_results().len(), 1, "the next read is the same");
+    assert_eq!(runner::kept_result_key("12-3.json"), Some((JobId(12), 3)));
+}
