@@ -23,7 +23,7 @@ use tower_service::Service;
 
 use crate::runner::SimRunner;
 use crate::trace::{Ev, Trace};
-use crate::world::{ip, ADMIN_TOKEN, AGENT_PORT, AGENT_TOKEN, API_PORT};
+use crate::world::{agent_token, ip, ADMIN_TOKEN, AGENT_PORT, API_PORT};
 
 /// Polls the inner future at most `limit` times; if it is still pending
 /// then, drops it (as a cancelled task would be) and yields `None`.
@@ -165,7 +165,6 @@ thread_local! {
 
 fn endpoint() -> AgentEndpoint {
     AgentEndpoint {
-        token_sha256: auth::sha256_hex(AGENT_TOKEN).into(),
         ping_interval_ms: 200,
         ping_timeout_ms: 1_000,
         hello_timeout_ms: 1_000,
@@ -190,6 +189,10 @@ async fn supervisor(trace: &Trace) -> (madsim::runtime::NodeHandle, Running) {
                 admin: true,
             },
             auth::sha256_hex(ADMIN_TOKEN),
+        )],
+        bootstrap_agents: vec![(
+            "agent-0".to_string(),
+            auth::sha256_hex(&agent_token("agent-0")),
         )],
         journal_segment_bytes_max: 0,
         journal_segments_max: 0,
@@ -338,13 +341,21 @@ fn cut(path: &'static str, limit: usize) -> Work {
                 let listener_addr = SocketAddr::new(ip(1), AGENT_PORT + 1);
                 let (core, hub, fence) =
                     (running.core.clone(), running.hub.clone(), running.fence_ms);
+                let credentials = running.credentials.clone();
                 let served = node.spawn(async move {
                     let listener = tokio::net::TcpListener::bind(listener_addr)
                         .await
                         .expect("bind");
                     let (stream, _) = listener.accept().await.expect("accept");
                     DropAt::new(
-                        server::agents::connection(stream, endpoint(), fence, core, hub),
+                        server::agents::connection(
+                            stream,
+                            endpoint(),
+                            credentials,
+                            fence,
+                            core,
+                            hub,
+                        ),
                         limit,
                     )
                     .await
@@ -440,7 +451,7 @@ fn cut(path: &'static str, limit: usize) -> Work {
 fn agent_options(addr: SocketAddr, attempts: Option<u32>) -> AgentOptions {
     AgentOptions {
         supervisor: addr.to_string(),
-        token: AGENT_TOKEN.to_string(),
+        token: agent_token("agent-0"),
         agent_id: "agent-0".into(),
         cpus: 1,
         labels: Default::default(),

@@ -27,6 +27,11 @@ use crate::trace::{CoreView, Entry, Ev, ProcessEnd, Trace};
 
 pub const ADMIN_TOKEN: &str = "sim-admin-token";
 pub const AGENT_TOKEN: &str = "sim-agent-token";
+
+/// Agent `name`'s own token: each agent has a credential of its own.
+pub fn agent_token(name: &str) -> String {
+    format!("{AGENT_TOKEN}-{name}")
+}
 pub const API_PORT: u16 = 8470;
 pub const AGENT_PORT: u16 = 8471;
 
@@ -126,12 +131,19 @@ impl World {
             api_addr: SocketAddr::new(ip(1), API_PORT),
             agent_addr: SocketAddr::new(ip(1), AGENT_PORT),
             endpoint: AgentEndpoint {
-                token_sha256: auth::sha256_hex(AGENT_TOKEN).into(),
                 ping_interval_ms: topology.ping_interval_ms,
                 ping_timeout_ms: topology.ping_timeout_ms,
                 hello_timeout_ms: 5_000,
             },
             bootstrap_users: users,
+            bootstrap_agents: (0..topology.agents)
+                .map(|i| {
+                    (
+                        agent_name(i),
+                        auth::sha256_hex(&agent_token(&agent_name(i))),
+                    )
+                })
+                .collect(),
             journal_segment_bytes_max: topology.journal_segment_bytes,
             journal_segments_max: if topology.journal_segment_bytes > 0 {
                 JOURNAL_SEGMENTS
@@ -171,7 +183,7 @@ impl World {
                 let name = agent_name(i);
                 let options = AgentOptions {
                     supervisor: SocketAddr::new(ip(1), AGENT_PORT).to_string(),
-                    token: AGENT_TOKEN.to_string(),
+                    token: agent_token(&name),
                     agent_id: name.clone(),
                     cpus: topology.cpus_of(i),
                     labels: Default::default(),

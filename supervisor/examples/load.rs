@@ -214,14 +214,29 @@ impl Submitter {
     }
 }
 
-fn start_agents(server: &Server, count: usize, cpus: u32) {
+/// A credential for agent `id`, issued as an admin would.
+fn agent_token(bin: &Path, server: &Server, id: &str) -> String {
+    let out = Command::new(bin)
+        .args(["agent-token", "add", id, "--data-dir"])
+        .arg(server.dir.path())
+        .output()
+        .expect("foreman agent-token add runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("a token")
+        .trim()
+        .to_string()
+}
+
+fn start_agents(bin: &Path, server: &Server, count: usize, cpus: u32) {
     for i in 0..count {
         let options = AgentOptions {
             supervisor: server.agent.clone(),
-            token: std::fs::read_to_string(server.dir.path().join("agent.token"))
-                .expect("token")
-                .trim()
-                .to_string(),
+            token: agent_token(bin, server, &format!("noop-{i}")),
             agent_id: format!("noop-{i}"),
             cpus,
             labels: BTreeMap::new(),
@@ -371,7 +386,7 @@ async fn drain(client: &Client, total: u64) -> f64 {
 async fn noop(bin: PathBuf) {
     let server = start_server(&bin, 0, None);
     let admin = Client::new(server.api.clone(), server.token.clone());
-    start_agents(&server, 8, 64);
+    start_agents(&bin, &server, 8, 64);
     wait_agents(&admin, 8).await;
     let (acked, secs) = closed_loop(&server, 64, 50_000, SubmitSpec::command(["noop"])).await;
     let drain_secs = drain(&admin, acked).await;
@@ -391,7 +406,7 @@ async fn noop(bin: PathBuf) {
 async fn rate(bin: PathBuf) {
     let server = start_server(&bin, 0, None);
     let admin = Client::new(server.api.clone(), server.token.clone());
-    start_agents(&server, 8, 64);
+    start_agents(&bin, &server, 8, 64);
     wait_agents(&admin, 8).await;
     let per_sec = 1_000u64;
     let total = per_sec * RUN_SECS;

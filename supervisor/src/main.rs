@@ -82,6 +82,36 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Manage agents' credentials: each agent connects with a token of its
+    /// own, which lets it be that agent and no other.
+    AgentToken {
+        #[command(subcommand)]
+        command: AgentTokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentTokenCommand {
+    /// Issue a credential for agent ID and print its token (shown once);
+    /// it replaces any the agent had.
+    Add {
+        /// 1 to 128 characters: letters, digits, '.', '_', '-', ':', '@'.
+        id: String,
+        #[arg(long, env = "FOREMAN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Revoke agent ID's credential: refused at its next hello, and its
+    /// connection closed within five seconds and a ping interval.
+    Revoke {
+        id: String,
+        #[arg(long, env = "FOREMAN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// List agents' credentials.
+    List {
+        #[arg(long, env = "FOREMAN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,7 +349,58 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     config,
                 },
         } => user_add(name, plan, admin, data_dir, config),
+        Command::AgentToken { command } => agent_token(command),
     }
+}
+
+fn agent_token(command: AgentTokenCommand) -> Result<ExitCode, String> {
+    let (AgentTokenCommand::Add { data_dir, .. }
+    | AgentTokenCommand::Revoke { data_dir, .. }
+    | AgentTokenCommand::List { data_dir }) = &command;
+    let data_dir = data_dir.clone().unwrap_or_else(default_data_dir);
+    create_dir_mode(&data_dir, 0o711).map_err(|e| format!("data dir {e}"))?;
+    let mut store = Store::open(&data_dir.join("foreman.db")).map_err(|e| e.to_string())?;
+    let now = foreman::seam::now();
+    let valid = |id: &str| {
+        if foreman::core::AgentId::is_valid(id, 128) {
+            Ok(())
+        } else {
+            Err(format!(
+                "agent id {id:?} is not valid: 1 to 128 characters, letters, digits, '.', '_', '-', ':', '@'"
+            ))
+        }
+    };
+    match command {
+        AgentTokenCommand::Add { id, .. } => {
+            valid(&id)?;
+            let token = auth::new_token();
+            store
+                .set_agent_credential(&id, &auth::sha256_hex(&token), now)
+                .map_err(|e| e.to_string())?;
+            println!("{token}");
+            eprintln!("agent {id} may connect with the token above (shown only once): foreman agent --id {id} --token-file FILE");
+        }
+        AgentTokenCommand::Revoke { id, .. } => {
+            valid(&id)?;
+            if !store
+                .revoke_agent_credential(&id, now)
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!("agent {id} has no credential in force"));
+            }
+            eprintln!(
+                "agent {id}'s credential is revoked: its connection closes within five seconds and a ping interval"
+            );
+        }
+        AgentTokenCommand::List { .. } => {
+            for (id, created, revoked) in store.agent_credentials().map_err(|e| e.to_string())? {
+                let state =
+                    revoked.map_or("in force".to_string(), |r| format!("revoked at {}", r.0));
+                println!("{id}	issued at {}	{state}", created.0);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logs() {
@@ -358,7 +439,7 @@ fn token_file(path: &Path) -> Result<String, String> {
 
 fn write_private(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -366,8 +447,24 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    // A file made earlier with looser bits is tightened too.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     file.write_all(text.as_bytes())
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A directory only its owner may enter (`mode`: 0o700), or pass through
+/// without listing (0o711: what job users need to reach their run dirs).
+fn create_dir_mode(path: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn create_private_dir(path: &Path) -> Result<(), String> {
+    create_dir_mode(path, 0o700)
 }
 
 fn config_file(path: Option<&Path>) -> Result<ConfigFile, String> {
@@ -388,15 +485,28 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .data_dir
         .or(file.data_dir)
         .unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    // Others may pass through (to reach a run dir) but not list it; its
+    // secrets are the supervisor's user's alone.
+    create_dir_mode(&data_dir, 0o711).map_err(|e| format!("data dir {e}"))?;
     let mut core = file.core.unwrap_or_default();
     if let Some(grace) = args.agent_grace_ms.or(file.agent_grace_ms) {
         core.agent_grace_ms = grace;
     }
     let admin_token_path = data_dir.join("admin.token");
     let admin_token = token_file(&admin_token_path)?;
-    let agent_token = token_file(&data_dir.join("agent.token"))?;
+    // Each local agent has a credential of its own, its token in a file
+    // only the supervisor's user can read.
+    let local_agents = args
+        .local_agents
+        .or(file.local_agents)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let agent_tokens = data_dir.join("agents");
+    create_private_dir(&agent_tokens)?;
+    let mut bootstrap_agents = Vec::new();
+    for i in 0..local_agents {
+        let token = token_file(&agent_tokens.join(format!("local-{i}.token")))?;
+        bootstrap_agents.push((format!("local-{i}"), auth::sha256_hex(&token)));
+    }
     let admin_plan = if core.plans.contains_key("premium") {
         "premium"
     } else {
@@ -419,7 +529,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             .or(file.agent_addr)
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8471))),
         endpoint: AgentEndpoint {
-            token_sha256: auth::sha256_hex(&agent_token).into(),
             ping_interval_ms: args
                 .ping_interval_ms
                 .or(file.ping_interval_ms)
@@ -434,6 +543,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                 .unwrap_or(5_000),
         },
         bootstrap_users: vec![(admin, auth::sha256_hex(&admin_token))],
+        bootstrap_agents,
         journal_segment_bytes_max: args
             .journal_segment_mib
             .or(file.journal_segment_mib)
@@ -456,10 +566,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         &data_dir.join("server.json"),
         &serde_json::to_string_pretty(&server_file).expect("serializes"),
     )?;
-    let local_agents = args
-        .local_agents
-        .or(file.local_agents)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     println!(
         "Foreman supervisor: API on http://{}, agents on {}",
         running.api_addr, running.agent_addr
@@ -533,7 +639,7 @@ async fn local_agent(
             .arg("--supervisor")
             .arg(agent_addr.to_string())
             .arg("--token-file")
-            .arg(data_dir.join("agent.token"))
+            .arg(data_dir.join("agents").join(format!("local-{index}.token")))
             .arg("--id")
             .arg(format!("local-{index}"))
             .arg("--work-dir")
@@ -855,8 +961,7 @@ fn user_add(
         ));
     }
     let data_dir = data_dir.or(file.data_dir).unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    create_dir_mode(&data_dir, 0o711).map_err(|e| format!("data dir {e}"))?;
     let mut store = Store::open(&data_dir.join("foreman.db")).map_err(|e| e.to_string())?;
     let token = auth::new_token();
     let user = User {

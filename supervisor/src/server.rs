@@ -34,6 +34,9 @@ pub struct ServerOptions {
     pub endpoint: AgentEndpoint,
     /// Accounts to create if they do not exist yet: (user, token SHA-256).
     pub bootstrap_users: Vec<(User, String)>,
+    /// Agent credentials to set (the supervisor's own local agents):
+    /// (agent id, token SHA-256).
+    pub bootstrap_agents: Vec<(String, String)>,
     /// The journal's bounds: bytes per segment, and old segments kept (0: no journal).
     pub journal_segment_bytes_max: u64,
     pub journal_segments_max: usize,
@@ -73,6 +76,7 @@ pub struct Running {
     pub router: axum::Router,
     pub hub: Arc<hub::Hub>,
     pub fence_ms: u64,
+    pub credentials: agents::Credentials,
 }
 
 /// The next connection on `listener`, with Nagle off (small frames go out at
@@ -112,6 +116,10 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
             Err(e) => return Err(e.into()),
         }
     }
+    for (agent, token_sha256) in &options.bootstrap_agents {
+        writer.set_agent_credential(agent, token_sha256, now)?;
+    }
+    let credentials = agents::Credentials::new(Store::open(&db)?);
     let window_ms = options.core.idempotency_window_secs.saturating_mul(1000);
     let (records, next_job_id) =
         writer.load_for_restore(Millis(now.0.saturating_sub(window_ms)))?;
@@ -171,6 +179,7 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     tokio::spawn(agents::serve(
         agent_listener,
         options.endpoint.clone(),
+        credentials.clone(),
         fence_ms,
         core_handle.clone(),
         hub.clone(),
@@ -184,5 +193,6 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         router,
         hub,
         fence_ms,
+        credentials,
     })
 }

@@ -11,9 +11,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::core::{Job, JobId, JobState, Millis};
 
 /// Each migration brings the schema from the previous version to its own.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE jobs (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE jobs (
          id INTEGER PRIMARY KEY,
          user TEXT NOT NULL,
          state TEXT NOT NULL,
@@ -31,7 +32,17 @@ const MIGRATIONS: &[(i64, &str)] = &[(
          token_sha256 TEXT NOT NULL UNIQUE,
          created_at INTEGER NOT NULL
      );",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE agent_credentials (
+         agent TEXT PRIMARY KEY,
+         token_sha256 TEXT NOT NULL UNIQUE,
+         created_at INTEGER NOT NULL,
+         revoked_at INTEGER
+     );",
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,6 +54,8 @@ pub enum StoreError {
     NewerSchema { found: i64, known: i64 },
     #[error("user {0:?} already exists")]
     UserExists(String),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
 }
 
 /// An account: who may call the API, on which plan.
@@ -59,8 +72,16 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it.
+    /// Opens (or creates) the database at `path`, readable by its owner
+    /// only: it holds every user's jobs, environments included. (SQLite
+    /// gives its `-wal` and `-shm` files the database file's mode.)
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::Io(path.display().to_string(), e))?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL: readers do not block the writer; FULL: a commit survives power loss.
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -230,6 +251,67 @@ impl Store {
             return Err(StoreError::UserExists(user.name.to_string()));
         }
         Ok(())
+    }
+
+    /// Gives agent `agent` a new credential (a token's SHA-256), replacing
+    /// and so revoking any it had.
+    pub fn set_agent_credential(
+        &mut self,
+        agent: &str,
+        token_sha256: &str,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO agent_credentials (agent, token_sha256, created_at, revoked_at)
+             VALUES (?1, ?2, ?3, NULL)
+             ON CONFLICT(agent) DO UPDATE SET token_sha256 = ?2, created_at = ?3, revoked_at = NULL",
+            params![agent, token_sha256, now.0 as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Revokes agent `agent`'s credential; false if it had none in force.
+    pub fn revoke_agent_credential(
+        &mut self,
+        agent: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let changed = self.conn.execute(
+            "UPDATE agent_credentials SET revoked_at = ?2 WHERE agent = ?1 AND revoked_at IS NULL",
+            params![agent, now.0 as i64],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// Whether `token_sha256` is agent `agent`'s credential, in force.
+    pub fn agent_credential_valid(
+        &self,
+        agent: &str,
+        token_sha256: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM agent_credentials WHERE agent = ?1 AND token_sha256 = ?2 AND revoked_at IS NULL",
+            )?
+            .query_row(params![agent, token_sha256], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Every agent credential: (agent, created at, revoked at).
+    pub fn agent_credentials(&self) -> Result<Vec<(String, Millis, Option<Millis>)>, StoreError> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT agent, created_at, revoked_at FROM agent_credentials ORDER BY agent",
+        )?;
+        let rows = query.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Millis(r.get::<_, i64>(1)? as u64),
+                r.get::<_, Option<i64>>(2)?.map(|t| Millis(t as u64)),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn user_by_token(&self, token_sha256: &str) -> Result<Option<User>, StoreError> {

@@ -34,7 +34,6 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         endpoint: AgentEndpoint {
-            token_sha256: auth::sha256_hex("agent-secret").into(),
             ping_interval_ms: 200,
             ping_timeout_ms: 2_000,
             hello_timeout_ms: 2_000,
@@ -47,6 +46,7 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
             },
             auth::sha256_hex("admin-secret"),
         )],
+        bootstrap_agents: vec![("broken".to_string(), auth::sha256_hex("agent-secret"))],
         journal_segment_bytes_max: 0,
         journal_segments_max: 0,
         observer: None,
@@ -140,7 +140,7 @@ async fn agent_a_second_agent_on_one_work_dir_refuses_to_start() {
             "intruder",
             "--token-file",
         ])
-        .arg(sup.path().join("agent.token"))
+        .arg(sup.agent_token("intruder").1)
         .arg("--work-dir")
         .arg(sup.path().join("runs").join("local-0"))
         .kill_on_drop(true)

@@ -169,6 +169,17 @@ impl Supervisor {
             .join("\n")
     }
 
+    /// Issues agent `id` a credential with the CLI; returns its token,
+    /// also written to a file in the data dir (its path is the second).
+    pub fn agent_token(&self, id: &str) -> (String, std::path::PathBuf) {
+        let (ok, out, err) = self.cli(&["agent-token", "add", id]);
+        assert!(ok, "agent-token add {id}: {err}");
+        let token = out.trim().to_string();
+        let path = self.path().join(format!("{id}.agent-token"));
+        std::fs::write(&path, &token).expect("token file");
+        (token, path)
+    }
+
     /// Creates a user with the CLI; returns a client with their token.
     pub fn add_user(&self, name: &str, plan: &str) -> Client {
         let output = Command::new(FOREMAN)

@@ -194,10 +194,8 @@ async fn closed(socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpS
 async fn hostile_websocket_frames_tokens_and_duplicate_agents() {
     let sup = Supervisor::start(1).await;
     sup.wait_agents(1).await;
-    let agent_token = std::fs::read_to_string(sup.path().join("agent.token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = |id: &str| sup.agent_token(id).0;
+    let agent_token = token("garbage");
 
     let mut wrong_token = ws(&sup.agent).await;
     wrong_token
@@ -245,22 +243,45 @@ async fn hostile_websocket_frames_tokens_and_duplicate_agents() {
     assert!(closed(&mut garbage).await, "a malformed frame is closed");
 
     let mut binary = ws(&sup.agent).await;
-    binary.send(hello("binary", &agent_token)).await.unwrap();
+    binary
+        .send(hello("binary", &token("binary")))
+        .await
+        .unwrap();
     binary.send(Message::binary(vec![0u8; 16])).await.unwrap();
     assert!(closed(&mut binary).await, "a binary frame is closed");
 
     let mut oversized = ws(&sup.agent).await;
-    oversized.send(hello("big", &agent_token)).await.unwrap();
+    oversized.send(hello("big", &token("big"))).await.unwrap();
     let _ = oversized
         .send(Message::text("x".repeat(2 * 1024 * 1024)))
         .await;
     assert!(closed(&mut oversized).await, "an oversized frame is closed");
 
-    // A second connection with the same agent id replaces the first.
+    // A token is its agent's alone: another id with it is refused, even
+    // a connected agent's (it cannot be replaced by a stranger).
+    let local = std::fs::read_to_string(sup.path().join("agents").join("local-0.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut impostor = ws(&sup.agent).await;
+    impostor.send(hello("local-1", &local)).await.unwrap();
+    assert!(
+        closed(&mut impostor).await,
+        "another agent's token is refused"
+    );
+    let mut thief = ws(&sup.agent).await;
+    thief.send(hello("local-0", &agent_token)).await.unwrap();
+    assert!(
+        closed(&mut thief).await,
+        "an agent cannot be taken over with another's token"
+    );
+
+    // A second connection with the same agent id and its token replaces the first.
+    let twin = token("twin");
     let mut first = ws(&sup.agent).await;
-    first.send(hello("twin", &agent_token)).await.unwrap();
+    first.send(hello("twin", &twin)).await.unwrap();
     let mut second = ws(&sup.agent).await;
-    second.send(hello("twin", &agent_token)).await.unwrap();
+    second.send(hello("twin", &twin)).await.unwrap();
     assert!(closed(&mut first).await, "the first twin is replaced");
 
     // None of that harmed the real agent or the service.

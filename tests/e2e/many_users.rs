@@ -62,7 +62,7 @@ async fn many_users_a_job_larger_than_every_agent_blocks_no_one() {
     let mut agent = std::process::Command::new(FOREMAN)
         .args(["agent", "--supervisor", &sup.agent, "--cpus", "64"])
         .args(["--id", "wide", "--token-file"])
-        .arg(sup.path().join("agent.token"))
+        .arg(sup.agent_token("wide").1)
         .arg("--work-dir")
         .arg(sup.path().join("runs"))
         .stderr(std::process::Stdio::null())
@@ -166,4 +166,58 @@ async fn many_users_accounts_are_checked_when_they_are_made() {
     }
     let (ok, _, err) = add("ana", "basic");
     assert!(!ok && err.contains("exists"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_users_an_agent_credential_is_revocable_and_ends_its_connection() {
+    let sup = Supervisor::start(1).await;
+    sup.wait_agents(1).await;
+    let (_, token_file) = sup.agent_token("remote-1");
+    let mut agent = std::process::Command::new(FOREMAN)
+        .args(["agent", "--supervisor", &sup.agent, "--id", "remote-1"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--work-dir")
+        .arg(sup.path().join("remote-runs"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("an agent starts");
+    sup.wait_agents(2).await;
+    let (ok, out, _) = sup.cli(&["agent-token", "list"]);
+    assert!(ok && out.contains("remote-1\tissued at"), "{out}");
+    // Revoked: its connection closes, and it cannot come back.
+    let (ok, _, err) = sup.cli(&["agent-token", "revoke", "remote-1"]);
+    assert!(ok, "{err}");
+    sup.wait_agents(1).await;
+    let (ok, out, _) = sup.cli(&["agent-token", "list"]);
+    assert!(ok && out.contains("revoked at"), "{out}");
+    let (ok, _, err) = sup.cli(&["agent-token", "revoke", "remote-1"]);
+    assert!(!ok && err.contains("no credential in force"), "{err}");
+    let (ok, _, err) = sup.cli(&["agent-token", "add", "bad id\n"]);
+    assert!(!ok && err.contains("not valid"), "{err}");
+    // The local agent's own was never shared: it works on.
+    let job = sup
+        .admin
+        .submit(&SubmitSpec::command(["true"]))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let done = sup
+        .wait_state(&sup.admin, job, JobState::Succeeded, BOUND)
+        .await;
+    assert_eq!(done.job.attempts[0].agent.as_str(), "local-0");
+    let agents = sup.admin.agents().await.unwrap();
+    let remote = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == "remote-1")
+        .cloned();
+    assert!(
+        remote.is_none_or(|a| a["link"]["link"] != "connected"),
+        "{agents}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

@@ -63,6 +63,8 @@ pub enum GoneReason {
     ProtocolError,
     /// The core closed it: a kill was not confirmed within `stop_timeout_ms`.
     Unresponsive,
+    /// Its credential was revoked while it was connected.
+    Revoked,
 }
 
 impl GoneReason {
@@ -72,6 +74,7 @@ impl GoneReason {
             GoneReason::PingTimeout => "ping timeout",
             GoneReason::ProtocolError => "protocol error",
             GoneReason::Unresponsive => "kill not confirmed in time",
+            GoneReason::Revoked => "credential revoked",
         }
     }
 }

@@ -19,13 +19,12 @@ use crate::core::{AgentId, GoneReason, Input};
 use crate::protocol::{self, FromAgent, ProtocolError, ToAgentMsg};
 use crate::seam;
 use crate::shell::actor::CoreHandle;
+use crate::store::Store;
 
 use super::hub::{Hub, Outgoing};
 
 #[derive(Clone, Debug)]
 pub struct AgentEndpoint {
-    /// The SHA-256 (hex) of the token agents must present.
-    pub token_sha256: Arc<str>,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub hello_timeout_ms: u64,
@@ -59,6 +58,40 @@ pub fn check_fence(agent_grace_ms: u64, endpoint: &AgentEndpoint) -> Result<(), 
     }
     Ok(())
 }
+
+/// Who may connect as which agent: each agent id has a credential of its
+/// own (`foreman agent-token add`), so a token lets its holder be that one
+/// agent and no other. Looked up at each hello and again every
+/// `CREDENTIAL_CHECK_MS`, so a revoked credential ends the connection that
+/// uses it.
+#[derive(Clone)]
+pub struct Credentials {
+    store: Arc<std::sync::Mutex<Store>>,
+}
+
+impl Credentials {
+    pub fn new(store: Store) -> Credentials {
+        Credentials {
+            store: Arc::new(std::sync::Mutex::new(store)),
+        }
+    }
+
+    pub fn valid(&self, agent: &str, token: &str) -> bool {
+        let hash = super::auth::sha256_hex(token);
+        let store = self.store.lock().expect("credentials lock");
+        store
+            .agent_credential_valid(agent, &hash)
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "agent credentials cannot be read; refusing");
+                false
+            })
+    }
+}
+
+/// How often a connected agent's credential is looked up again (at the
+/// first ping after this long): a revocation ends its connection within
+/// this and a ping interval.
+const CREDENTIAL_CHECK_MS: u64 = 5_000;
 
 /// Tells the hub and the core that a connection is over, when dropped.
 struct Departure {
@@ -101,6 +134,7 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 pub async fn serve(
     listener: TcpListener,
     endpoint: AgentEndpoint,
+    credentials: Credentials,
     fence_ms: u64,
     core: CoreHandle,
     hub: Arc<Hub>,
@@ -108,8 +142,11 @@ pub async fn serve(
     loop {
         let (stream, peer) = super::accept(&listener, "agent").await;
         let (endpoint, core, hub) = (endpoint.clone(), core.clone(), hub.clone());
+        let credentials = credentials.clone();
         let span = tracing::info_span!("agent_conn", peer = %peer);
-        tokio::spawn(connection(stream, endpoint, fence_ms, core, hub).instrument(span));
+        tokio::spawn(
+            connection(stream, endpoint, credentials, fence_ms, core, hub).instrument(span),
+        );
     }
 }
 
@@ -118,6 +155,7 @@ pub async fn serve(
 pub async fn connection(
     stream: TcpStream,
     endpoint: AgentEndpoint,
+    credentials: Credentials,
     fence_ms: u64,
     core: CoreHandle,
     hub: Arc<Hub>,
@@ -147,7 +185,7 @@ pub async fn connection(
             return;
         }
     };
-    let (agent, cpus, labels, attempts) = match hello {
+    let (agent, cpus, labels, attempts, token) = match hello {
         Ok(FromAgent::Hello {
             agent,
             token,
@@ -164,12 +202,12 @@ pub async fn connection(
                 let _ = sink.send(Message::Close(None)).await;
                 return;
             }
-            if super::auth::sha256_hex(&token) != *endpoint.token_sha256 {
-                warn!(agent.id = %agent, "agent presented an unknown token; closing");
+            if !credentials.valid(&agent, &token) {
+                warn!(agent.id = %agent, "agent presented no credential of its own; closing");
                 let _ = sink.send(Message::Close(None)).await;
                 return;
             }
-            (AgentId::new(&agent), cpus, labels, attempts)
+            (AgentId::new(&agent), cpus, labels, attempts, token)
         }
         Ok(_) => {
             warn!("first message was not a hello; closing");
@@ -214,6 +252,8 @@ pub async fn connection(
             info!(cpus, "agent connected");
             let mut ping = tokio::time::interval(Duration::from_millis(endpoint.ping_interval_ms));
             let mut last_heard = seam::now();
+            // When the credential was last found in force.
+            let mut checked = seam::now();
             // Ping numbers, and the latest one whose pong came back.
             let (mut ping_seq, mut pong_seq) = (0u64, 0u64);
             loop {
@@ -285,6 +325,13 @@ pub async fn connection(
                         None => break GoneReason::Closed,
                     },
                     _ = ping.tick() => {
+                        if seam::now().ms_since(checked) >= CREDENTIAL_CHECK_MS {
+                            checked = seam::now();
+                            if !credentials.valid(agent.as_str(), &token) {
+                                warn!("the agent's credential was revoked; closing");
+                                break GoneReason::Revoked;
+                            }
+                        }
                         if seam::now().ms_since(last_heard) > endpoint.ping_timeout_ms {
                             warn!(ping_timeout_ms = endpoint.ping_timeout_ms, "nothing heard within the ping timeout");
                             break GoneReason::PingTimeout;
@@ -317,7 +364,6 @@ mod tests {
     #[test]
     fn a_grace_period_under_four_ping_intervals_is_refused_for_a_flapping_fence() {
         let endpoint = AgentEndpoint {
-            token_sha256: Arc::from(""),
             ping_interval_ms: 500,
             ping_timeout_ms: 2_000,
             hello_timeout_ms: 5_000,

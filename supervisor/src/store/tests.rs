@@ -132,7 +132,7 @@ fn store_refuses_a_database_from_a_newer_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("foreman.db");
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2);
     store
         .conn
         .execute("INSERT INTO schema_version (version) VALUES (99)", [])
@@ -141,7 +141,7 @@ fn store_refuses_a_database_from_a_newer_version() {
     let err = Store::open(&path).err().expect("refused");
     assert_eq!(
         err.to_string(),
-        "the database has schema version 99; this build knows up to 1"
+        "the database has schema version 99; this build knows up to 2"
     );
 }
 
@@ -178,5 +178,43 @@ fn store_users_by_token_and_no_duplicates() {
     assert!(
         store.add_user(&bob, "hash-a", Millis(3)).is_err(),
         "a token hash names one user"
+    );
+}
+
+#[test]
+fn store_an_agent_credential_names_one_agent_and_can_be_replaced_or_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("foreman.db")).unwrap();
+    store
+        .set_agent_credential("node-1", "aaa", Millis(1))
+        .unwrap();
+    store
+        .set_agent_credential("node-2", "bbb", Millis(1))
+        .unwrap();
+    assert!(store.agent_credential_valid("node-1", "aaa").unwrap());
+    assert!(
+        !store.agent_credential_valid("node-2", "aaa").unwrap(),
+        "bound to its agent"
+    );
+    assert!(
+        store
+            .set_agent_credential("node-3", "aaa", Millis(1))
+            .is_err(),
+        "one token is one agent's"
+    );
+    // A new credential replaces the old; a revoked one is refused.
+    store
+        .set_agent_credential("node-1", "ccc", Millis(2))
+        .unwrap();
+    assert!(!store.agent_credential_valid("node-1", "aaa").unwrap());
+    assert!(store.revoke_agent_credential("node-1", Millis(3)).unwrap());
+    assert!(!store.revoke_agent_credential("node-1", Millis(4)).unwrap());
+    assert!(!store.agent_credential_valid("node-1", "ccc").unwrap());
+    assert_eq!(
+        store.agent_credentials().unwrap(),
+        vec![
+            ("node-1".to_string(), Millis(2), Some(Millis(3))),
+            ("node-2".to_string(), Millis(1), None)
+        ]
     );
 }
