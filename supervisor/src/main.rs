@@ -227,6 +227,11 @@ struct AgentArgs {
     /// Past this many MiB of run dirs, remove the oldest finished. [default: 10240]
     #[arg(long)]
     run_dirs_max_mib: Option<u64>,
+    /// The operating-system user jobs run as when the supervisor maps
+    /// theirs to none (`[core.run_as]`). Never root. [default: nobody for an
+    /// agent running as root, else the agent's own user]
+    #[arg(long)]
+    run_jobs_as: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -708,9 +713,15 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
     };
     let defaults = Retention::default();
     let outbox_dir = options.work_dir.join("outbox");
+    let default_run_as = args.run_jobs_as.or_else(|| {
+        nix::unistd::geteuid()
+            .is_root()
+            .then(|| "nobody".to_string())
+    });
     let runner = ProcessRunner {
         groups: Some(Arc::new(groups)),
         outbox_dir: Some(outbox_dir),
+        default_run_as,
         retention: Retention {
             keep_hours: args.keep_run_dirs_hours.unwrap_or(defaults.keep_hours),
             max_mib: args.run_dirs_max_mib.unwrap_or(defaults.max_mib),

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use foreman::client::ClientError;
+use foreman::client::{Client, ClientError};
 use foreman::core::{JobState, SubmitSpec};
+use foreman::server::api::JobView;
 use hyper::StatusCode;
 
 use crate::harness::*;
@@ -220,4 +221,61 @@ async fn many_users_an_agent_credential_is_revocable_and_ends_its_connection() {
     );
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_users_jobs_run_as_their_mapped_user_and_cannot_read_the_supervisors_secrets() {
+    let config = "[core.run_as]\nana = \"daemon\"\n";
+    let sup = Supervisor::start_with(1, Some(config)).await;
+    sup.wait_agents(1).await;
+    let ana = sup.add_user("ana", "basic");
+    let root = nix::unistd::geteuid().is_root();
+    let anas = run(ana.clone(), "id -un".into()).await;
+    if !root {
+        // An agent that may not switch users says so, at the job's start.
+        assert_eq!(anas.job.state, JobState::Failed, "{anas:?}");
+        assert!(
+            anas.job.reason.contains("may not switch users"),
+            "{}",
+            anas.job.reason
+        );
+        return;
+    }
+    assert_eq!(anas.job.output_tail, "daemon\n", "{anas:?}");
+    // Not mapped: the agent's default for a root agent, nobody; and no job
+    // reads the data dir's secrets.
+    let admins = run(
+        sup.admin.clone(),
+        "id -un; echo made > here; cat here".into(),
+    )
+    .await;
+    assert_eq!(admins.job.output_tail, "nobody\nmade\n", "{admins:?}");
+    for secret in ["admin.token", "agents/local-0.token", "foreman.db"] {
+        let path = sup.path().join(secret);
+        let tried = run(ana.clone(), format!("cat '{}'", path.display())).await;
+        assert_eq!(tried.job.state, JobState::Failed, "{secret}: {tried:?}");
+        assert!(
+            tried.job.output_tail.contains("Permission denied"),
+            "{secret}: {}",
+            tried.job.output_tail
+        );
+    }
+}
+
+/// Runs `sh -c script` as `client` and waits for it to end.
+async fn run(client: Client, script: String) -> JobView {
+    let job = client
+        .submit(&SubmitSpec::command(["sh", "-c", &script]))
+        .await
+        .unwrap()
+        .job
+        .id;
+    wait_for("the job to end", BOUND, || {
+        let client = client.clone();
+        async move {
+            let view = client.job(job).await.ok()?;
+            view.job.state.is_terminal().then_some(view)
+        }
+    })
+    .await
 }

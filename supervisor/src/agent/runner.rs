@@ -61,6 +61,41 @@ pub trait Runner: Send + Sync + 'static {
     }
 }
 
+/// Makes `command` run as operating-system user `name`, its run dir that
+/// user's: never as root, and only from an agent allowed to switch users
+/// (running as root) unless `name` is the agent's own user.
+fn run_as(
+    command: &mut tokio::process::Command,
+    name: &str,
+    run_dir: &std::path::Path,
+) -> Result<(), String> {
+    use nix::unistd::{chown, geteuid, User};
+    let user = User::from_name(name)
+        .map_err(|e| format!("run as {name}: {e}"))?
+        .ok_or_else(|| format!("run as {name}: no such operating-system user"))?;
+    if user.uid.is_root() {
+        return Err(format!("run as {name}: jobs never run as root"));
+    }
+    let me = geteuid();
+    if user.uid == me {
+        return Ok(());
+    }
+    if !me.is_root() {
+        return Err(format!(
+            "run as {name}: this agent runs as uid {me} and may not switch users (run it as root, or map this user to the agent's own)"
+        ));
+    }
+    chown(run_dir, Some(user.uid), Some(user.gid))
+        .map_err(|e| format!("run dir {}: {e}", run_dir.display()))?;
+    command
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .env("HOME", &user.dir)
+        .env("USER", name)
+        .env("LOGNAME", name);
+    Ok(())
+}
+
 /// The largest kept result file read back (a report is a tail and a few
 /// fields: far below this).
 pub const KEPT_RESULT_BYTES_MAX: u64 = 1024 * 1024;
@@ -101,6 +136,9 @@ pub struct ProcessRunner {
     pub run_dirs: Arc<RunDirs>,
     /// Where unacknowledged results are kept, a file each (`None`: not kept).
     pub outbox_dir: Option<PathBuf>,
+    /// The operating-system user a job with no `run_as` of its own runs as
+    /// (`None`: the agent's own user).
+    pub default_run_as: Option<String>,
 }
 
 impl Default for ProcessRunner {
@@ -112,6 +150,7 @@ impl Default for ProcessRunner {
             retention: Retention::default(),
             run_dirs: Arc::default(),
             outbox_dir: None,
+            default_run_as: None,
         }
     }
 }
@@ -215,6 +254,11 @@ impl ProcessRunner {
         for name in INHERITED_ENV {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
+            }
+        }
+        if let Some(name) = spec.run_as.as_ref().or(self.default_run_as.as_ref()) {
+            if let Err(why) = run_as(&mut command, name, &order.run_dir) {
+                return spawn_failed(why);
             }
         }
         command

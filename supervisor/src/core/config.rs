@@ -106,6 +106,10 @@ pub struct CoreConfig {
     pub output_tail_bytes_max: usize,
     pub reason_bytes_max: usize,
     pub submit: SubmitLimits,
+    /// The operating-system user each Foreman user's jobs run as (`"*"`:
+    /// everyone not named). A user not mapped runs as the agent's default
+    /// (for an agent running as root: `nobody`).
+    pub run_as: BTreeMap<String, String>,
 }
 
 impl CoreConfig {
@@ -167,6 +171,7 @@ impl Default for CoreConfig {
             output_tail_bytes_max: 4096,
             reason_bytes_max: 1024,
             submit: SubmitLimits::default(),
+            run_as: BTreeMap::new(),
         }
     }
 }

@@ -299,7 +299,13 @@ impl Core {
                 plan: spec::truncated(&plan_name, 64),
             })?;
         let priority = plan.priority;
-        let job_spec = spec::validate(&self.config, &plan_name, plan, submitted)?;
+        let mut job_spec = spec::validate(&self.config, &plan_name, plan, submitted)?;
+        job_spec.run_as = self
+            .config
+            .run_as
+            .get(&*user)
+            .or_else(|| self.config.run_as.get("*"))
+            .cloned();
         let digest = job_spec.idempotency_key.as_ref().map(|_| job_spec.digest());
         if let Some(key) = &job_spec.idempotency_key {
             if let Some((job, _, first)) = self.idempotency.get(&(user.clone(), key.clone())) {

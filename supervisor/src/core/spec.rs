@@ -70,6 +70,10 @@ pub struct JobSpec {
     pub queue_timeout_secs: Option<u64>,
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
+    /// The operating-system user the job runs as (the supervisor's
+    /// `run_as` for its Foreman user); `None`: the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
 }
 
 impl JobSpec {
@@ -99,6 +103,7 @@ impl JobSpec {
             queue_timeout_secs: None,
             max_attempts,
             idempotency_key: None,
+            run_as: None,
         }
     }
 }
@@ -285,6 +290,7 @@ pub fn validate(
         queue_timeout_secs,
         max_attempts: spec.max_attempts,
         idempotency_key: spec.idempotency_key,
+        run_as: None,
     })
 }
 

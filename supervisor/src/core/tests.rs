@@ -459,6 +459,24 @@ fn refused_message(reply: &Reply) -> String {
     }
 }
 
+#[test]
+fn submit_a_job_runs_as_the_operating_system_user_its_user_is_mapped_to() {
+    let mut config = basic_config();
+    config.run_as = BTreeMap::from([
+        ("ana".to_string(), "ana_os".to_string()),
+        ("*".to_string(), "nobody".to_string()),
+    ]);
+    let mut h = Harness::new(config);
+    let ana = h.submit("ana", "basic", cmd(&["a"]));
+    let bob = h.submit("bob", "basic", cmd(&["b"]));
+    assert_eq!(h.state_record(ana).spec.run_as.as_deref(), Some("ana_os"));
+    assert_eq!(h.state_record(bob).spec.run_as.as_deref(), Some("nobody"));
+    // Without a mapping, the agent decides.
+    let mut h = harness();
+    let job = h.submit("ana", "basic", cmd(&["a"]));
+    assert_eq!(h.state_record(job).spec.run_as, None);
+}
+
 // ---- fair queue ------------------------------------------------------------
 
 #[test]
