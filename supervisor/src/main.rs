@@ -167,7 +167,9 @@ struct ServeArgs {
     /// A lost agent's jobs wait this long for it. [default: 60000]
     #[arg(long, env = "FOREMAN_AGENT_GRACE_MS")]
     agent_grace_ms: Option<u64>,
-    /// Size of one journal segment, in MiB. [default: 64]
+    /// MiB of inputs after which a journal segment rotates (a segment also
+    /// holds at least as many bytes of inputs as its opening snapshot).
+    /// [default: 64]
     #[arg(long, env = "FOREMAN_JOURNAL_SEGMENT_MIB")]
     journal_segment_mib: Option<u64>,
     /// Old journal segments kept; 0 turns the journal off. [default: 8]
@@ -507,11 +509,24 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let agent_tokens = data_dir.join("agents");
     create_private_dir(&agent_tokens)?;
+    let store = Store::open(&data_dir.join("foreman.db")).map_err(|e| e.to_string())?;
     let mut bootstrap_agents = Vec::new();
     for i in 0..local_agents {
-        let token = token_file(&agent_tokens.join(format!("local-{i}.token")))?;
-        bootstrap_agents.push((format!("local-{i}"), auth::sha256_hex(&token)));
+        let (id, path) = (
+            format!("local-{i}"),
+            agent_tokens.join(format!("local-{i}.token")),
+        );
+        let mut token = token_file(&path)?;
+        // A credential revoked, or replaced by another, is never brought
+        // back by a restart: the local agent gets a new one.
+        let stored = store.agent_credential(&id).map_err(|e| e.to_string())?;
+        if stored.is_some_and(|(hash, revoked)| revoked || hash != auth::sha256_hex(&token)) {
+            token = auth::new_token();
+            write_private(&path, &format!("{token}\n"))?;
+        }
+        bootstrap_agents.push((id, auth::sha256_hex(&token)));
     }
+    drop(store);
     let admin_plan = if core.plans.contains_key("premium") {
         "premium"
     } else {
@@ -586,6 +601,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .or(file.local_agent_leave_secs)
         .unwrap_or(600);
     let retention = file.run_dirs.clone().unwrap_or_default();
+    // Passable for jobs run as other users, whatever the umask.
+    create_dir_mode(&data_dir.join("runs"), 0o711)?;
     for i in 0..local_agents {
         tokio::spawn(local_agent(
             i,

@@ -76,12 +76,21 @@ impl Store {
     /// only: it holds every user's jobs, environments included. (SQLite
     /// gives its `-wal` and `-shm` files the database file's mode.)
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let conn = Connection::open(path)?;
         {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| StoreError::Io(path.display().to_string(), e))?;
+            // Made 0600 before SQLite opens it: never readable by others,
+            // not even for a moment.
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let io = |e| StoreError::Io(path.display().to_string(), e);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         }
+        let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL: readers do not block the writer; FULL: a commit survives power loss.
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -297,6 +306,17 @@ impl Store {
             .query_row(params![agent, token_sha256], |_| Ok(()))
             .optional()?
             .is_some())
+    }
+
+    /// Agent `agent`'s credential: its token's SHA-256, and whether it is revoked.
+    pub fn agent_credential(&self, agent: &str) -> Result<Option<(String, bool)>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT token_sha256, revoked_at IS NOT NULL FROM agent_credentials WHERE agent = ?1",
+            )?
+            .query_row([agent], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
     }
 
     /// Every agent credential: (agent, created at, revoked at).

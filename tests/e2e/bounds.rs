@@ -71,6 +71,7 @@ const FEW: &str = r#"
 [http]
 connections_max = 8
 header_timeout_ms = 2000
+body_timeout_ms = 500
 idle_timeout_ms = 1500
 event_heartbeat_ms = 200
 "#;
@@ -102,6 +103,21 @@ async fn bounds_slow_idle_and_surplus_connections_are_closed_and_agents_still_se
     assert!(sent < head.len(), "the whole dribbled head was read");
     let said = until_closed(&mut slow).await;
     assert!(!said.contains("200 OK"), "{said}");
+    // A body that never comes: without a token, refused before it is read;
+    // with one, given up at the body timeout.
+    for (token, status) in [("nobody's", "401"), (sup.admin.token.as_str(), "408")] {
+        let mut stalled = TcpStream::connect(&sup.api).await.unwrap();
+        let head = format!(
+            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"argv\""
+        );
+        stalled.write_all(head.as_bytes()).await.unwrap();
+        let said = until_closed(&mut stalled).await;
+        assert!(said.starts_with(&format!("HTTP/1.1 {status}")), "{said}");
+    }
+    assert!(
+        sup.admin.jobs("").await.unwrap().is_empty(),
+        "nothing submitted"
+    );
     // An idle keep-alive connection is closed after its one request.
     let mut idle = TcpStream::connect(&sup.api).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

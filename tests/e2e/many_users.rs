@@ -250,6 +250,19 @@ async fn many_users_jobs_run_as_their_mapped_user_and_cannot_read_the_supervisor
     )
     .await;
     assert_eq!(admins.job.output_tail, "nobody\nmade\n", "{admins:?}");
+    // Nor through its output: a job that swaps its output file for a
+    // link to a secret gets back what it printed, never the secret.
+    let admin_token = std::fs::read_to_string(sup.path().join("admin.token")).unwrap();
+    let swapped = run(
+        ana.clone(),
+        format!(
+            "rm -f output; ln -s '{}' output; echo printed",
+            sup.path().join("admin.token").display()
+        ),
+    )
+    .await;
+    assert_eq!(swapped.job.output_tail, "printed\n", "{swapped:?}");
+    assert!(!swapped.job.output_tail.contains(admin_token.trim()));
     for secret in ["admin.token", "agents/local-0.token", "foreman.db"] {
         let path = sup.path().join(secret);
         let tried = run(ana.clone(), format!("cat '{}'", path.display())).await;

@@ -54,6 +54,8 @@ pub struct RunDirs {
 struct State {
     live: BTreeSet<PathBuf>,
     last_sweep: Option<Millis>,
+    /// A sweep is under way: no second one starts beside it.
+    sweeping: bool,
 }
 
 impl RunDirs {
@@ -85,15 +87,19 @@ impl RunDirs {
             let due = state
                 .last_sweep
                 .is_none_or(|last| now.ms_since(last) >= SWEEP_EVERY_MS);
-            if !due {
+            if !due || state.sweeping {
                 return;
             }
             state.last_sweep = Some(now);
+            state.sweeping = true;
         }
         let (work_dir, policy, dirs) = (work_dir.to_path_buf(), policy.clone(), self.clone());
-        let swept =
-            crate::seam::blocking(move || sweep(&work_dir, |dir| dirs.is_live(dir), &policy, now))
-                .await;
+        let sweeper = dirs.clone();
+        let swept = crate::seam::blocking(move || {
+            sweep(&work_dir, |dir| sweeper.is_live(dir), &policy, now)
+        })
+        .await;
+        dirs.state.lock().expect("run dirs lock").sweeping = false;
         match swept {
             Ok(swept) if swept.removed > 0 => info!(
                 removed = swept.removed,
@@ -214,9 +220,14 @@ fn touched_ms(dir: &Path) -> u64 {
     inside.chain([modified(dir)]).max().unwrap_or(0)
 }
 
-/// The bytes of the files under `dir`, symlinks not followed.
+/// The bytes of disk the files under `dir` take, symlinks not followed:
+/// blocks allocated, each file once however many links it has (a sparse
+/// file of a terabyte, or a thousand links to one, cannot make every other
+/// run dir look over the bound).
 fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let mut total = 0;
+    let mut seen = BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -225,8 +236,8 @@ fn dir_bytes(dir: &Path) -> u64 {
             };
             if meta.is_dir() {
                 stack.push(entry.path());
-            } else {
-                total += meta.len();
+            } else if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
             }
         }
     }
@@ -281,8 +292,9 @@ mod tests {
             "files are not run dirs"
         );
         assert!(outbox.exists(), "nor are dirs of other names");
-        assert_eq!(swept.freed_bytes, mib as u64 + 10);
-        assert_eq!(swept.kept_bytes, 4 * mib as u64);
+        // Bytes of disk: blocks, so at least what was written.
+        assert!(swept.freed_bytes >= mib as u64 + 10, "{swept:?}");
+        assert!(swept.kept_bytes >= 4 * mib as u64, "{swept:?}");
         // Within both bounds, nothing more goes.
         let roomy = Retention {
             max_mib: 100,
@@ -316,6 +328,26 @@ mod tests {
         dirs.maybe_sweep(work.path(), &policy, Millis(now.0 + 60_000))
             .await;
         assert!(!stale.exists() && !in_use.exists());
+    }
+
+    #[test]
+    fn retention_a_sparse_file_or_many_links_count_the_disk_they_take() {
+        let work = tempfile::tempdir().unwrap();
+        let now = Millis(1_800_000_000_000);
+        let keep = run_dir(work.path(), "1-1", 10, now, 2);
+        let sparse = run_dir(work.path(), "2-1", 10, now, 1);
+        let huge = std::fs::File::create(sparse.join("huge")).unwrap();
+        huge.set_len(1 << 40).unwrap();
+        for i in 0..100 {
+            std::fs::hard_link(sparse.join("output"), sparse.join(format!("link-{i}"))).unwrap();
+        }
+        let policy = Retention {
+            keep_hours: 24,
+            max_mib: 1,
+        };
+        let swept = sweep(work.path(), |_| false, &policy, now).unwrap();
+        assert_eq!(swept.removed, 0, "{swept:?}");
+        assert!(keep.exists());
     }
 
     #[test]

@@ -68,8 +68,10 @@ fn run_as(
     command: &mut tokio::process::Command,
     name: &str,
     run_dir: &std::path::Path,
+    output: &std::fs::File,
 ) -> Result<(), String> {
-    use nix::unistd::{chown, geteuid, User};
+    use nix::unistd::{chown, fchown, geteuid, User};
+    use std::os::unix::fs::PermissionsExt;
     let user = User::from_name(name)
         .map_err(|e| format!("run as {name}: {e}"))?
         .ok_or_else(|| format!("run as {name}: no such operating-system user"))?;
@@ -85,7 +87,11 @@ fn run_as(
             "run as {name}: this agent runs as uid {me} and may not switch users (run it as root, or map this user to the agent's own)"
         ));
     }
+    // The run dir and its output are the job user's, and nobody else's.
     chown(run_dir, Some(user.uid), Some(user.gid))
+        .and_then(|()| fchown(output, Some(user.uid), Some(user.gid)))
+        .map_err(|e| format!("run dir {}: {e}", run_dir.display()))?;
+    std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("run dir {}: {e}", run_dir.display()))?;
     command
         .uid(user.uid.as_raw())
@@ -94,6 +100,13 @@ fn run_as(
         .env("USER", name)
         .env("LOGNAME", name);
     Ok(())
+}
+
+/// Creates `dir` (and its parents) and gives it `mode`.
+pub fn create_dir_with_mode(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 /// The largest kept result file read back (a report is a tail and a few
@@ -167,8 +180,20 @@ impl Runner for ProcessRunner {
         let Some(dir) = &self.outbox_dir else { return };
         let path = dir.join(format!("{job}-{attempt}.json"));
         let temporary = dir.join(format!(".{job}-{attempt}.json.new"));
-        let written = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&temporary, serde_json::to_vec(report)?))
+        // The agent's own: results hold other users' output.
+        let written = create_dir_with_mode(dir, 0o700)
+            .and_then(|()| {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&temporary)?;
+                file.write_all(&serde_json::to_vec(report)?)
+            })
             .and_then(|()| std::fs::rename(&temporary, &path));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "result cannot be kept on disk");
@@ -238,13 +263,30 @@ impl ProcessRunner {
             return spawn_failed(format!("run dir {}: {e}", order.run_dir.display()));
         }
         let output_path = order.run_dir.join("output");
-        let output = match std::fs::File::create(&output_path) {
+        // A fresh file, never one a job left there (a symlink to a secret
+        // would be written through, and read back into the tail as root).
+        let _ = std::fs::remove_file(&output_path);
+        let created = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&output_path)
+        };
+        let output = match created {
             Ok(file) => file,
             Err(e) => return spawn_failed(format!("{}: {e}", output_path.display())),
         };
-        let errors = match output.try_clone() {
-            Ok(file) => file,
-            Err(e) => return spawn_failed(format!("{}: {e}", output_path.display())),
+        // The tail is read from this handle, never by path again: whatever
+        // the job does to its run dir, the tail is what it printed.
+        let (errors, tail) = match (output.try_clone(), output.try_clone()) {
+            (Ok(errors), Ok(tail)) => (errors, tail),
+            (Err(e), _) | (_, Err(e)) => {
+                return spawn_failed(format!("{}: {e}", output_path.display()))
+            }
         };
         let spec = &order.spec;
         let mut command = tokio::process::Command::new(&spec.argv[0]);
@@ -257,7 +299,7 @@ impl ProcessRunner {
             }
         }
         if let Some(name) = spec.run_as.as_ref().or(self.default_run_as.as_ref()) {
-            if let Err(why) = run_as(&mut command, name, &order.run_dir) {
+            if let Err(why) = run_as(&mut command, name, &order.run_dir, &output) {
                 return spawn_failed(why);
             }
         }
@@ -329,7 +371,7 @@ impl ProcessRunner {
         };
         FinishedReport {
             outcome,
-            output_tail: read_tail(&output_path, self.output_tail_bytes),
+            output_tail: tail_of(tail, self.output_tail_bytes),
             run_ms: crate::seam::now().ms_since(began),
         }
     }
@@ -372,7 +414,9 @@ impl GroupLog {
     /// Fails if another live agent holds the work dir: two agents on one
     /// work dir would reap each other's jobs.
     pub fn open(work_dir: &std::path::Path) -> std::io::Result<(GroupLog, usize)> {
-        std::fs::create_dir_all(work_dir)?;
+        // Jobs run as other users pass through it to their run dirs; none
+        // may list it.
+        create_dir_with_mode(work_dir, 0o711)?;
         let lock_file = std::fs::File::create(work_dir.join(AGENT_LOCK))?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| {
@@ -493,14 +537,6 @@ fn signal_group(group: Option<nix::unistd::Pid>, signal: nix::sys::signal::Signa
     if let Some(pgid) = group {
         // ESRCH (the group is already gone) is the expected, harmless case.
         let _ = nix::sys::signal::killpg(pgid, signal);
-    }
-}
-
-/// The last `max` bytes of a run's output file, as text: see `tail_of`.
-pub fn read_tail(path: &std::path::Path, max: usize) -> String {
-    match std::fs::File::open(path) {
-        Ok(file) => tail_of(file, max),
-        Err(_) => String::new(),
     }
 }
 

@@ -455,52 +455,35 @@ fn output_tails_start_on_the_first_whole_character_of_their_last_bytes() {
 }
 
 #[test]
-fn an_output_file_that_is_gone_has_an_empty_tail() {
-    let missing = std::env::temp_dir().join("foreman-no-such-dir/output");
-    assert_eq!(runner::read_tail(&missing, 64), "");
-}
-
-#[tokio::test]
-async fn a_result_kept_on_disk_outlives_the_agent_and_goes_once_acknowledged() {
+fn a_result_kept_on_disk_outlives_the_agent_and_goes_once_acknowledged() {
     let work = tempfile::tempdir().unwrap();
-    let disk = || ProcessRunner {
-        outbox_dir: Some(work.path().join("outbox")),
-        ..ProcessRunner::default()
-    };
-    let options = || AgentOptions {
-        work_dir: work.path().to_path_buf(),
-        ..options()
-    };
-    let killed = |agent: &mut Agent| {
-        assert_eq!(agent.obey(run(7)), None);
-        let kill = ToAgentMsg::Kill {
-            job: JobId(7),
-            attempt: 1,
-            reason: KillReason::Stop(StopReason::Cancel),
-        };
-        agent.obey(kill)
+    let disk = || {
+        Arc::new(ProcessRunner {
+            outbox_dir: Some(work.path().join("outbox")),
+            ..ProcessRunner::default()
+        })
     };
     // A result finished and never acknowledged; then the agent dies.
-    let mut agent = Agent::new(options(), Arc::new(disk()));
-    assert_eq!(killed(&mut agent), None);
-    loop {
-        let event = agent.events.recv().await.expect("an event");
-        if matches!(agent.absorb(event), Some(FromAgent::Finished { .. })) {
-            break;
-        }
-    }
+    let mut agent = Agent::new(options(), disk());
+    let report = FinishedReport {
+        outcome: Outcome::Exited { code: 4 },
+        output_tail: "partial\n".into(),
+        run_ms: 9,
+    };
+    let sent = agent.absorb(RunEvent::Finished((JobId(7), 1), report.clone()));
+    assert!(matches!(sent, Some(FromAgent::Finished { .. })), "{sent:?}");
     drop(agent);
     // The next agent on the work dir names it in its hello, and sends it.
-    let mut next = Agent::new(options(), Arc::new(disk()));
+    let mut next = Agent::new(options(), disk());
     assert_eq!(keys_in_hello(&next), vec![(7, 1)]);
-    assert_eq!(next.outbox[&(JobId(7), 1)].outcome, Outcome::Killed);
+    assert_eq!(next.outbox[&(JobId(7), 1)], report);
     // Acknowledged: no longer kept.
     next.obey(ToAgentMsg::Ack {
         job: JobId(7),
         attempt: 1,
     });
     assert!(next.outbox.is_empty());
-    assert!(keys_in_hello(&Agent::new(options(), Arc::new(disk()))).is_empty());
+    assert!(keys_in_hello(&Agent::new(options(), disk())).is_empty());
 }
 
 #[test]

@@ -300,13 +300,14 @@ impl Core {
             })?;
         let priority = plan.priority;
         let mut job_spec = spec::validate(&self.config, &plan_name, plan, submitted)?;
+        // The request's digest, before anything the configuration adds.
+        let digest = job_spec.idempotency_key.as_ref().map(|_| job_spec.digest());
         job_spec.run_as = self
             .config
             .run_as
             .get(&*user)
             .or_else(|| self.config.run_as.get("*"))
             .cloned();
-        let digest = job_spec.idempotency_key.as_ref().map(|_| job_spec.digest());
         if let Some(key) = &job_spec.idempotency_key {
             if let Some((job, _, first)) = self.idempotency.get(&(user.clone(), key.clone())) {
                 if first.is_some_and(|first| Some(first) != digest) {
@@ -1392,7 +1393,7 @@ impl Core {
         for job in records {
             check_record(&core.config, &job, core.next_job)?;
             if let Some(key) = &job.spec.idempotency_key {
-                let digest = Some(job.spec.digest());
+                let digest = Some(job.spec.request_digest());
                 core.remember_key(
                     job.user.clone(),
                     key.clone(),

@@ -173,15 +173,20 @@ impl Core {
             });
         }
         let mut waiting: [BTreeMap<(u8, UserKey), VecDeque<JobId>>; 2] = Default::default();
+        let set_aside: [BTreeSet<JobId>; 2] = std::array::from_fn(|k| {
+            snapshot
+                .aside
+                .get(k)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect()
+        });
         for job in snapshot.jobs {
             let user = core
                 .user_key(&job.user)
                 .ok_or_else(|| bad("a job's user is not among the users"))?;
-            let set_aside = snapshot
-                .aside
-                .get(job.kind().index())
-                .is_some_and(|a| a.contains(&job.id));
-            if job.state == JobState::Queued && !set_aside {
+            if job.state == JobState::Queued && !set_aside[job.kind().index()].contains(&job.id) {
                 waiting[job.kind().index()]
                     .entry((job.priority, user))
                     .or_default()

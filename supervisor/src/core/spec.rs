@@ -85,6 +85,17 @@ impl JobSpec {
         let hash = sha2::Sha256::digest(&bytes);
         u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
     }
+
+    /// The digest of what was asked: the spec without what the supervisor's
+    /// configuration added to it (`run_as`), so that a change of mapping
+    /// does not make a genuine retry a conflict.
+    pub fn request_digest(&self) -> u64 {
+        JobSpec {
+            run_as: None,
+            ..self.clone()
+        }
+        .digest()
+    }
 }
 
 #[cfg(test)]

@@ -252,12 +252,40 @@ fn job_id(raw: &str) -> ApiResult<JobId> {
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{raw:?} is not a job id")))
 }
 
+/// A request body, read only once its sender is known, whole within
+/// `body_timeout_ms` and `BODY_BYTES_MAX`: a client that sends its body a
+/// byte at a time cannot hold a connection, nor can one with no token.
+async fn read_body(state: &ApiState, body: Body) -> ApiResult<Bytes> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, BODY_BYTES_MAX).collect();
+    let bound = std::time::Duration::from_millis(state.limits.body_timeout_ms);
+    match tokio::time::timeout(bound, limited).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body too large: at most {BODY_BYTES_MAX} bytes"),
+        )),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body: {e}"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {} ms",
+                state.limits.body_timeout_ms
+            ),
+        )),
+    }
+}
+
 async fn submit(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     let user = state.authenticate(&headers)?;
+    let body = read_body(&state, body).await?;
     let spec: SubmitSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
     let waiter = state.hub.expect_reply();
@@ -410,14 +438,18 @@ async fn events(
         transitions: broadcast::Receiver<Transition>,
         state: ApiState,
         id: JobId,
-        heartbeat: std::time::Duration,
+        heartbeat_ms: u64,
+        /// When a heartbeat is due: one heartbeat after the last bytes
+        /// sent, whatever else the hub says meanwhile.
+        next_beat: crate::core::Millis,
         _slot: StreamSlot,
     }
     let feed = Feed {
         first: Some(sse("state", &view)),
         over: view.job.state.is_terminal(),
         transitions,
-        heartbeat: std::time::Duration::from_millis(state.limits.event_heartbeat_ms),
+        heartbeat_ms: state.limits.event_heartbeat_ms,
+        next_beat: crate::seam::now().plus_ms(state.limits.event_heartbeat_ms),
         state,
         id,
         _slot: slot,
@@ -432,23 +464,27 @@ async fn events(
         loop {
             let received = crate::select! {
                 received = feed.transitions.recv() => received,
-                () = tokio::time::sleep(feed.heartbeat) => {
+                () = crate::seam::sleep_until(feed.next_beat) => {
+                    feed.next_beat = crate::seam::now().plus_ms(feed.heartbeat_ms);
                     return Some((Ok(Bytes::from_static(b": still here\n\n")), feed));
                 }
             };
-            match received {
+            let sent = match received {
                 Ok(t) if t.job == feed.id => {
                     feed.over = t.state.is_terminal();
-                    return Some((Ok(sse("transition", &t)), feed));
+                    sse("transition", &t)
                 }
-                Ok(_) => {}
+                // Other jobs' news: the heartbeat's deadline stands.
+                Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let view = feed.state.lookup(feed.id).await.ok()?;
                     feed.over = view.job.state.is_terminal();
-                    return Some((Ok(sse("state", &view)), feed));
+                    sse("state", &view)
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
-            }
+            };
+            feed.next_beat = crate::seam::now().plus_ms(feed.heartbeat_ms);
+            return Some((Ok(sent), feed));
         }
     });
     Response::builder()

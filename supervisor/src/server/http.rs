@@ -32,6 +32,8 @@ pub struct HttpLimits {
     pub connections_max: usize,
     /// Time for a request's head (request line and headers) to arrive.
     pub header_timeout_ms: u64,
+    /// Time for a request's whole body to arrive, once its head has.
+    pub body_timeout_ms: u64,
     /// A connection with no bytes moving either way this long is closed.
     pub idle_timeout_ms: u64,
     /// Event streams (`/v1/jobs/{id}/events`) one user may hold open.
@@ -46,6 +48,7 @@ impl Default for HttpLimits {
         HttpLimits {
             connections_max: 512,
             header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             event_streams_per_user: 32,
             event_heartbeat_ms: 15_000,
@@ -59,8 +62,11 @@ impl HttpLimits {
         if self.connections_max == 0 {
             return Err("http.connections_max must be at least 1".into());
         }
-        if self.header_timeout_ms == 0 || self.idle_timeout_ms == 0 {
-            return Err("http.header_timeout_ms and http.idle_timeout_ms must be positive".into());
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 || self.idle_timeout_ms == 0 {
+            return Err(
+                "http.header_timeout_ms, http.body_timeout_ms and http.idle_timeout_ms must be positive"
+                    .into(),
+            );
         }
         if self.event_heartbeat_ms == 0 || self.event_heartbeat_ms >= self.idle_timeout_ms {
             return Err(format!(
