@@ -88,8 +88,16 @@ fn cargo_counted(
         if !flags.split_whitespace().any(|f| f == "--cfg") {
             flags = format!("{flags} --cfg madsim").trim().to_string();
         }
+        // Doc-tests are compiled by rustdoc, which reads RUSTDOCFLAGS, not
+        // RUSTFLAGS: without the cfg they would build the library's normal
+        // code against the simulation's dependencies.
+        let mut doc_flags = env::var("RUSTDOCFLAGS").unwrap_or_default();
+        if !doc_flags.split_whitespace().any(|f| f == "--cfg") {
+            doc_flags = format!("{doc_flags} --cfg madsim").trim().to_string();
+        }
         command
             .env("RUSTFLAGS", flags)
+            .env("RUSTDOCFLAGS", doc_flags)
             .env("CARGO_TARGET_DIR", SIM_TARGET_DIR);
     }
     for (key, value) in envs {
