@@ -7,11 +7,26 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use foreman::client::Client;
+use foreman::client::{Client, ClientError};
 use foreman::core::{JobId, JobState};
 use foreman::server::api::JobView;
 
 pub const FOREMAN: &str = env!("CARGO_BIN_EXE_foreman");
+
+/// The status and message of an API error; fails the test on anything else.
+pub fn api_error<T: std::fmt::Debug>(
+    result: Result<T, ClientError>,
+) -> (hyper::StatusCode, String) {
+    match result {
+        Err(ClientError::Api { status, message }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Submits `spec` as `client`; the new job's id.
+pub async fn submitted(client: &Client, spec: &foreman::core::SubmitSpec) -> JobId {
+    client.submit(spec).await.expect("submitted").job.id
+}
 
 /// Waits until `check` gives `Some`, polling, for at most `bound`.
 pub async fn wait_for<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use foreman::client::{Client, ClientError};
+use foreman::client::Client;
 use foreman::core::{JobId, JobState, SubmitSpec};
 use futures_util::{SinkExt, StreamExt};
 use hyper::StatusCode;
@@ -42,13 +42,6 @@ async fn raw(
         .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
-}
-
-fn api_error(result: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, String) {
-    match result {
-        Err(ClientError::Api { status, message }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,13 +16,7 @@ async fn lifecycle_a_stop_keeps_running_jobs_for_a_restart_and_a_stop_for_good_e
     sup.wait_agents(1).await;
     let agent = sup.agent_pids("local-0");
     assert_eq!(agent.len(), 1, "{agent:?}");
-    let job = sup
-        .admin
-        .submit(&SubmitSpec::command(["sleep", "2"]))
-        .await
-        .unwrap()
-        .job
-        .id;
+    let job = submitted(&sup.admin, &SubmitSpec::command(["sleep", "2"])).await;
     sup.wait_state(&sup.admin, job, JobState::Running, BOUND)
         .await;
     // Stopped: it says what becomes of the running job, and exits 0.
@@ -82,13 +76,7 @@ async fn lifecycle_old_run_dirs_are_removed_by_age_and_by_size() {
     let large = made("9002-1", 2 * 1024 * 1024, Duration::from_secs(60));
     let small = made("9003-1", 10, Duration::from_secs(30));
     // The agent's first run sweeps its work dir.
-    let job = sup
-        .admin
-        .submit(&SubmitSpec::command(["echo", "swept"]))
-        .await
-        .unwrap()
-        .job
-        .id;
+    let job = submitted(&sup.admin, &SubmitSpec::command(["echo", "swept"])).await;
     sup.wait_state(&sup.admin, job, JobState::Succeeded, BOUND)
         .await;
     wait_for(
@@ -113,17 +101,11 @@ async fn lifecycle_old_run_dirs_are_removed_by_age_and_by_size() {
 async fn lifecycle_a_result_outlives_its_agents_crash() {
     let mut sup = Supervisor::start(1).await;
     sup.wait_agents(1).await;
-    let job = sup
-        .admin
-        .submit(&SubmitSpec::command([
-            "sh",
-            "-c",
-            "sleep 1; echo kept; exit 3",
-        ]))
-        .await
-        .unwrap()
-        .job
-        .id;
+    let job = submitted(
+        &sup.admin,
+        &SubmitSpec::command(["sh", "-c", "sleep 1; echo kept; exit 3"]),
+    )
+    .await;
     sup.wait_state(&sup.admin, job, JobState::Running, BOUND)
         .await;
     // The supervisor dies; the job ends meanwhile, its result unacknowledged;

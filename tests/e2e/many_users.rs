@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use foreman::client::{Client, ClientError};
+use foreman::client::Client;
 use foreman::core::{JobState, SubmitSpec};
 use foreman::server::api::JobView;
 use hyper::StatusCode;
@@ -12,13 +12,6 @@ use hyper::StatusCode;
 use crate::harness::*;
 
 const BOUND: Duration = Duration::from_secs(30);
-
-fn api_error<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
-    match result {
-        Err(ClientError::Api { status, message }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_users_a_job_larger_than_every_agent_blocks_no_one() {
@@ -197,13 +190,7 @@ async fn many_users_an_agent_credential_is_revocable_and_ends_its_connection() {
     let (ok, _, err) = sup.cli(&["agent-token", "add", "bad id\n"]);
     assert!(!ok && err.contains("not valid"), "{err}");
     // The local agent's own was never shared: it works on.
-    let job = sup
-        .admin
-        .submit(&SubmitSpec::command(["true"]))
-        .await
-        .unwrap()
-        .job
-        .id;
+    let job = submitted(&sup.admin, &SubmitSpec::command(["true"])).await;
     let done = sup
         .wait_state(&sup.admin, job, JobState::Succeeded, BOUND)
         .await;
@@ -277,12 +264,7 @@ async fn many_users_jobs_run_as_their_mapped_user_and_cannot_read_the_supervisor
 
 /// Runs `sh -c script` as `client` and waits for it to end.
 async fn run(client: Client, script: String) -> JobView {
-    let job = client
-        .submit(&SubmitSpec::command(["sh", "-c", &script]))
-        .await
-        .unwrap()
-        .job
-        .id;
+    let job = submitted(&client, &SubmitSpec::command(["sh", "-c", &script])).await;
     wait_for("the job to end", BOUND, || {
         let client = client.clone();
         async move {
