@@ -395,6 +395,46 @@ mod tests {
     }
 
     #[test]
+    fn jobs_set_aside_leave_the_line_keep_their_count_and_come_back_smallest_first() {
+        let mut q = FairQueue::default();
+        let (a, b) = (UserKey(0), UserKey(1));
+        q.push(1, a, JobId(1));
+        q.push(1, a, JobId(2));
+        q.push(1, b, JobId(3));
+        q.push(1, b, JobId(4));
+        // a's head needs 8 CPUs: it steps aside, and a keeps its turn with
+        // its next job.
+        let head = q.head().expect("a head");
+        q.set_aside(&head, 8);
+        let next = q.head().expect("a head");
+        assert_eq!(next.job, JobId(2), "a keeps its turn");
+        assert_eq!(q.pop_head(&next), JobId(2));
+        // b's head needs 4: aside too.
+        let head = q.head().expect("a head");
+        assert_eq!(head.job, JobId(3));
+        q.set_aside(&head, 4);
+        q.check();
+        assert_eq!(q.len(), 3, "still waiting, aside or in line");
+        assert_eq!(q.smallest_aside(), Some((4, JobId(3))));
+        assert_eq!(q.aside_cpus(JobId(1)), Some(8));
+        assert_eq!(q.aside_cpus(JobId(4)), None, "in line");
+        assert_eq!(q.aside_jobs().collect::<Vec<_>>(), vec![JobId(1), JobId(3)]);
+        assert_eq!(q.position(1, a, JobId(1)), None, "no place in line aside");
+        assert_eq!(q.head().map(|h| h.job), Some(JobId(4)));
+        // An agent of 4 connects: only the 4-CPU job comes back, before
+        // its user's later job.
+        q.bring_back(4);
+        q.check();
+        assert_eq!(q.smallest_aside(), Some((8, JobId(1))));
+        assert_eq!(q.position(1, b, JobId(3)), Some(1));
+        // A job aside can be removed (a cancel, a queue timeout).
+        assert!(q.remove(1, a, JobId(1)));
+        assert_eq!(q.smallest_aside(), None);
+        assert_eq!(q.len(), 2);
+        q.check();
+    }
+
+    #[test]
     fn a_level_order_without_users_adds_no_level() {
         let empty = LevelOrder {
             priority: 3,
