@@ -464,9 +464,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
 /// A directory only its owner may enter (`mode`: 0o700), or pass through
 /// without listing (0o711: what job users need to reach their run dirs).
 fn create_dir_mode(path: &Path, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    foreman::agent::runner::create_dir_with_mode(path, mode)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -73,7 +73,6 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn(head_bounds))
         .with_state(state)
@@ -100,7 +99,8 @@ async fn head_bounds(request: axum::extract::Request, next: axum::middleware::Ne
 }
 
 /// Every error the API answers is `{"error": "..."}`, the ones the HTTP
-/// layers make too (a method the endpoint does not take, a body too large).
+/// layers make too (a method the endpoint does not take). Bodies are read
+/// by `read_body`, whose own refusals are JSON already.
 async fn json_errors(method: axum::http::Method, response: Response) -> Response {
     let status = response.status();
     let is_json = response
@@ -113,9 +113,6 @@ async fn json_errors(method: axum::http::Method, response: Response) -> Response
     let message = match status {
         StatusCode::METHOD_NOT_ALLOWED => {
             format!("this endpoint does not take {method}: the Allow header says what it takes")
-        }
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            format!("request body too large: at most {BODY_BYTES_MAX} bytes")
         }
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "send the body as application/json".to_string(),
         other => other

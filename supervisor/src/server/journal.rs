@@ -54,12 +54,8 @@ impl Journal {
         segment_bytes_max: u64,
         segments_max: usize,
     ) -> std::io::Result<Journal> {
-        std::fs::create_dir_all(dir)?;
         // It holds every input, submitted environments included.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
+        crate::agent::runner::create_dir_with_mode(dir, 0o700)?;
         let mut journal = Journal {
             dir: dir.to_path_buf(),
             writer: None,
