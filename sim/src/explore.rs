@@ -198,6 +198,7 @@ async fn supervisor(trace: &Trace) -> (madsim::runtime::NodeHandle, Running) {
         journal_segments_max: 0,
         observer: Some(Arc::new(trace.clone())),
         commit_delay_ms: 0,
+        tls: None,
         http: Default::default(),
     };
     let node = Handle::current()
@@ -350,6 +351,7 @@ fn cut(path: &'static str, limit: usize) -> Work {
                     DropAt::new(
                         server::agents::connection(
                             stream,
+                            None,
                             endpoint(),
                             credentials,
                             fence,
@@ -460,6 +462,7 @@ fn agent_options(addr: SocketAddr, attempts: Option<u32>) -> AgentOptions {
         reconnect_max_ms: 500,
         reconnect_attempts_max: attempts,
         leave_alone_ms: None,
+        tls: None,
     }
 }
 

@@ -152,6 +152,7 @@ impl World {
             },
             observer: Some(Arc::new(trace.clone())),
             commit_delay_ms: topology.commit_ms,
+            tls: None,
             http: Default::default(),
         };
         let supervisor = handle
@@ -192,6 +193,7 @@ impl World {
                     reconnect_max_ms: topology.reconnect_max_ms,
                     reconnect_attempts_max: None,
                     leave_alone_ms: None,
+                    tls: None,
                 };
                 let runner = SimRunner {
                     agent: name.clone(),

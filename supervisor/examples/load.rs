@@ -245,6 +245,7 @@ fn start_agents(bin: &Path, server: &Server, count: usize, cpus: u32) {
             reconnect_max_ms: 1_000,
             reconnect_attempts_max: Some(50),
             leave_alone_ms: None,
+            tls: None,
         };
         tokio::spawn(Agent::new(options, Arc::new(NoopRunner)).run());
     }

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn, Instrument};
@@ -29,6 +28,8 @@ pub use runner::{ProcessRunner, RunControl, RunOrder, Runner};
 pub struct AgentOptions {
     /// The supervisor's agent endpoint, `host:port`.
     pub supervisor: String,
+    /// TLS to it (whom to trust, the name to verify); none: plaintext.
+    pub tls: Option<crate::tls::ClientTls>,
     pub token: String,
     pub agent_id: String,
     pub cpus: u32,
@@ -308,7 +309,11 @@ impl Agent {
 
     /// One connection, from connect to loss. `Err` if it never got welcomed.
     async fn session(&mut self) -> Result<Ended, String> {
-        let connect = connect(self.options.supervisor.clone(), self.hello());
+        let connect = connect(
+            self.options.supervisor.clone(),
+            self.options.tls.clone(),
+            self.hello(),
+        );
         let (mut sink, mut frames, welcome, hello_at) = match self.fence_due() {
             Some(due) => crate::select! {
                 connected = connect => connected?,
@@ -544,7 +549,7 @@ struct Welcome {
     fence_ms: Option<u64>,
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<TcpStream>;
+type WsStream = tokio_tungstenite::WebSocketStream<crate::tls::Stream>;
 type WsSink = futures_util::stream::SplitSink<WsStream, Message>;
 type WsFrames = futures_util::stream::SplitStream<WsStream>;
 
@@ -552,15 +557,16 @@ type WsFrames = futures_util::stream::SplitStream<WsStream>;
 /// bounded.
 async fn connect(
     supervisor: String,
+    tls: Option<crate::tls::ClientTls>,
     hello: FromAgent,
 ) -> Result<(WsSink, WsFrames, Welcome, Millis), String> {
     let bound = Duration::from_millis(CONNECT_TIMEOUT_MS);
-    let stream = tokio::time::timeout(bound, TcpStream::connect(&supervisor))
+    let stream = tokio::time::timeout(bound, crate::tls::connect(&supervisor, tls.as_ref()))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let url = format!("ws://{supervisor}/agent");
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let url = format!("{scheme}://{supervisor}/agent");
     let handshake = tokio_tungstenite::client_async_with_config(
         url,
         stream,

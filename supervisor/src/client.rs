@@ -1,5 +1,6 @@
 //! The HTTP client of the API, used by the CLI (and by simulated clients):
-//! hyper's http1 client over the seam's `TcpStream`, one connection per call.
+//! hyper's http1 client over the seam's `TcpStream` (TLS if set), one
+//! connection per call.
 
 use std::time::Duration;
 
@@ -8,7 +9,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
 
 use crate::core::{Job, JobId, SubmitSpec};
 use crate::server::api::JobView;
@@ -34,6 +34,8 @@ pub struct Client {
     pub addr: String,
     pub token: String,
     pub timeout: Duration,
+    /// TLS to the API (whom to trust, the name to verify); none: plaintext.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// One item of a job's event stream.
@@ -49,6 +51,7 @@ impl Client {
             addr: addr.into(),
             token: token.into(),
             timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 
@@ -58,14 +61,12 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream =
-            TcpStream::connect(&self.addr)
-                .await
-                .map_err(|error| ClientError::Connect {
-                    addr: self.addr.clone(),
-                    error,
-                })?;
-        let _ = stream.set_nodelay(true);
+        let stream = crate::tls::connect(&self.addr, self.tls.as_ref())
+            .await
+            .map_err(|error| ClientError::Connect {
+                addr: self.addr.clone(),
+                error,
+            })?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {

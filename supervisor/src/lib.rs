@@ -14,3 +14,4 @@ pub mod seam;
 pub mod server;
 pub mod shell;
 pub mod store;
+pub mod tls;

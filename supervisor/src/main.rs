@@ -18,6 +18,7 @@ use foreman::core::{CoreConfig, JobId, JobState, SubmitSpec};
 use foreman::server::http::HttpLimits;
 use foreman::server::{self, auth, AgentEndpoint, ServerOptions};
 use foreman::store::{Store, User};
+use foreman::tls::{Endpoint, TlsConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
@@ -139,7 +140,8 @@ struct ServeArgs {
     /// TOML file with any of these settings, and a [core] table (plans, pools, timeouts).
     #[arg(long, env = "FOREMAN_CONFIG")]
     config: Option<PathBuf>,
-    /// Database, tokens, run dirs. [default: $XDG_DATA_HOME/foreman or ~/.local/share/foreman]
+    /// Database, tokens, run dirs. [default: $XDG_DATA_HOME/foreman or
+    /// ~/.local/share/foreman; for root, /var/lib/foreman]
     #[arg(long, env = "FOREMAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// HTTP API address. [default: 127.0.0.1:8470]
@@ -175,6 +177,15 @@ struct ServeArgs {
     /// Old journal segments kept; 0 turns the journal off. [default: 8]
     #[arg(long, env = "FOREMAN_JOURNAL_SEGMENTS")]
     journal_segments: Option<usize>,
+    /// PEM certificate chain for TLS on both listeners (`[tls] cert`).
+    #[arg(long, env = "FOREMAN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (`[tls] key`).
+    #[arg(long, env = "FOREMAN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Listen beyond loopback without TLS (`[tls] allow_plaintext`).
+    #[arg(long)]
+    allow_plaintext: bool,
 }
 
 /// The file form of `ServeArgs` (same names), plus the core's settings.
@@ -200,13 +211,30 @@ struct ConfigFile {
     /// How long and how much of finished runs' dirs local agents keep.
     #[serde(default)]
     run_dirs: Option<Retention>,
+    /// TLS for both listeners.
+    #[serde(default)]
+    tls: Option<TlsConfig>,
+}
+
+/// How a client reaches the supervisor over TLS (agents and the CLI).
+#[derive(Args, Clone, Default)]
+struct TlsArgs {
+    /// PEM CA certificates to trust for TLS; given, a bare host:port means
+    /// TLS. [default: the system's CA bundle, for https:// and wss://]
+    #[arg(long, env = "FOREMAN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the supervisor's certificate must carry. [default: the host connected to]
+    #[arg(long, env = "FOREMAN_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Args, Clone)]
 struct AgentArgs {
-    /// The supervisor's agent endpoint, host:port.
+    /// The supervisor's agent endpoint: host:port, wss://host:port (TLS) or ws://host:port.
     #[arg(long, env = "FOREMAN_SUPERVISOR")]
     supervisor: String,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[arg(long, env = "FOREMAN_AGENT_TOKEN", conflicts_with = "token_file")]
     token: Option<String>,
     #[arg(long)]
@@ -238,9 +266,12 @@ struct AgentArgs {
 
 #[derive(Args, Clone)]
 struct ClientArgs {
-    /// The API, host:port. [default: from the local supervisor's data dir]
+    /// The API: host:port, https://host:port (TLS) or http://host:port.
+    /// [default: from the local supervisor's data dir]
     #[arg(long, env = "FOREMAN_SERVER")]
     server: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// [default: the local admin token]
     #[arg(long, env = "FOREMAN_TOKEN")]
     token: Option<String>,
@@ -283,6 +314,11 @@ struct ServerFile {
     api: String,
     agent: String,
     pid: u32,
+    /// With TLS: the CA file local clients trust, and the name they verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_server_name: Option<String>,
 }
 
 /// The `[http]` and `[core]` parts of a configuration file with every default, for
@@ -292,15 +328,17 @@ fn core_defaults_toml() -> String {
     struct File {
         http: HttpLimits,
         run_dirs: Retention,
+        tls: TlsConfig,
         core: CoreConfig,
     }
     let text = toml::to_string(&File {
         http: HttpLimits::default(),
         run_dirs: Retention::default(),
+        tls: TlsConfig::default(),
         core: CoreConfig::default(),
     })
     .unwrap_or_default();
-    format!("Core settings for the --config file, with their defaults (every one may be left out):\n\n{text}")
+    format!("Core settings for the --config file, with their defaults (every one may be left out; [tls] also takes cert, key, ca and server_name, all unset by default):\n\n{text}")
 }
 
 fn main() -> ExitCode {
@@ -421,7 +459,14 @@ fn init_logs() {
         .try_init();
 }
 
+/// `$XDG_DATA_HOME/foreman`, else `~/.local/share/foreman`; for root,
+/// `/var/lib/foreman`: jobs never run as root, and the users they run as
+/// must pass through the data dir's parents to reach their run dirs, which
+/// root's home (0700) does not let them do.
 fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/foreman");
+    }
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(xdg).join("foreman");
     }
@@ -488,11 +533,26 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let file = config_file(args.config.as_deref())?;
     let data_dir = args
         .data_dir
-        .or(file.data_dir)
+        .clone()
+        .or(file.data_dir.clone())
         .unwrap_or_else(default_data_dir);
     // Others may pass through (to reach a run dir) but not list it; its
     // secrets are the supervisor's user's alone.
     create_dir_mode(&data_dir, 0o711).map_err(|e| format!("data dir {e}"))?;
+    let api_addr = args
+        .api_addr
+        .or(file.api_addr)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8470)));
+    let agent_addr = args
+        .agent_addr
+        .or(file.agent_addr)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8471)));
+    let tls_config = file.tls.clone().unwrap_or_default();
+    let tls = serve_tls(
+        &args,
+        &tls_config,
+        [("api_addr", api_addr), ("agent_addr", agent_addr)],
+    )?;
     let mut core = file.core.unwrap_or_default();
     if let Some(grace) = args.agent_grace_ms.or(file.agent_grace_ms) {
         core.agent_grace_ms = grace;
@@ -538,14 +598,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let options = ServerOptions {
         data_dir: data_dir.clone(),
         core,
-        api_addr: args
-            .api_addr
-            .or(file.api_addr)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8470))),
-        agent_addr: args
-            .agent_addr
-            .or(file.agent_addr)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8471))),
+        api_addr,
+        agent_addr,
         endpoint: AgentEndpoint {
             ping_interval_ms: args
                 .ping_interval_ms
@@ -571,21 +625,31 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         journal_segments_max: args.journal_segments.or(file.journal_segments).unwrap_or(8),
         observer: None,
         commit_delay_ms: 0,
+        tls: tls.as_ref().map(|(config, _)| config.clone()),
         http: file.http.unwrap_or_default(),
     };
     let grace_ms = options.core.agent_grace_ms;
     let mut running = server::start(options).await.map_err(|e| e.to_string())?;
+    // What local clients and agents reach, and trust.
+    let local_tls = tls.map(|(_, local)| local);
     let server_file = ServerFile {
-        api: running.api_addr.to_string(),
-        agent: running.agent_addr.to_string(),
+        api: foreman::tls::local_reach(running.api_addr).to_string(),
+        agent: foreman::tls::local_reach(running.agent_addr).to_string(),
         pid: std::process::id(),
+        tls_ca: local_tls.as_ref().map(|t| t.ca.clone()),
+        tls_server_name: local_tls.as_ref().and_then(|t| t.server_name.clone()),
     };
     write_private(
         &data_dir.join("server.json"),
         &serde_json::to_string_pretty(&server_file).expect("serializes"),
     )?;
+    let (http, ws) = if local_tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     println!(
-        "Foreman supervisor: API on http://{}, agents on {}",
+        "Foreman supervisor: API on {http}://{}, agents on {ws}://{}",
         running.api_addr, running.agent_addr
     );
     println!(
@@ -600,11 +664,26 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .unwrap_or(600);
     let retention = file.run_dirs.clone().unwrap_or_default();
     // Passable for jobs run as other users, whatever the umask.
-    create_dir_mode(&data_dir.join("runs"), 0o711)?;
+    let runs = data_dir.join("runs");
+    create_dir_mode(&runs, 0o711)?;
+    if local_agents > 0 && nix::unistd::geteuid().is_root() {
+        // Root's local agents run jobs as other users, who must reach
+        // their run dirs: say so now rather than fail every job.
+        if let Some((dir, mode)) =
+            foreman::agent::runner::blocked_ancestor(&runs.join("x"), u32::MAX, &[])
+        {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "jobs run as users other than root cannot pass through this directory to their run dirs, and will fail at start unless it lets their user through; choose a data dir others may pass through (such as /var/lib/foreman)"
+            );
+        }
+    }
     for i in 0..local_agents {
         tokio::spawn(local_agent(
             i,
-            running.agent_addr,
+            foreman::tls::local_reach(running.agent_addr),
+            local_tls.clone(),
             data_dir.clone(),
             leave_secs,
             retention.clone(),
@@ -633,6 +712,63 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the supervisor's own agents and CLI use to reach it over TLS.
+#[derive(Clone, Debug)]
+struct LocalTls {
+    ca: PathBuf,
+    server_name: Option<String>,
+}
+
+/// TLS for both listeners from the flags and `[tls]`, and what local
+/// clients trust; none for plaintext, which is refused beyond loopback
+/// unless allowed.
+fn serve_tls(
+    args: &ServeArgs,
+    config: &TlsConfig,
+    listeners: [(&str, SocketAddr); 2],
+) -> Result<Option<(Arc<foreman::tls::ServerConfig>, LocalTls)>, String> {
+    let cert = args.tls_cert.clone().or(config.cert.clone());
+    let key = args.tls_key.clone().or(config.key.clone());
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            if !(args.allow_plaintext || config.allow_plaintext) {
+                if let Some((what, addr)) =
+                    listeners.iter().find(|(_, addr)| !addr.ip().is_loopback())
+                {
+                    return Err(format!(
+                        "{what} {addr} is reachable from other hosts, and without TLS tokens and jobs would cross the network in the clear. Give a certificate ([tls] cert and key, or --tls-cert and --tls-key), or set [tls] allow_plaintext = true (--allow-plaintext) behind a TLS-terminating proxy or on a trusted network"
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+        _ => return Err("TLS needs both a certificate and its key ([tls] cert and key)".into()),
+    };
+    let server = foreman::tls::server_config(&cert, &key)?;
+    let ca = config.ca.clone().unwrap_or(cert.clone());
+    let ca =
+        std::fs::canonicalize(&ca).map_err(|e| format!("TLS CA file {}: {e}", ca.display()))?;
+    // Local agents and the CLI must be able to verify what is served: a
+    // configuration they could not connect with fails here, not later.
+    for (_, addr) in listeners {
+        let name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| foreman::tls::local_reach(addr).ip().to_string());
+        foreman::tls::check_trust(&cert, &ca, &name).map_err(|e| {
+            format!("{e}. Local agents and the CLI trust [tls] ca (default: the cert file itself) and verify [tls] server_name (default: the address they connect to): set them to the CA that issued the certificate and a name it carries")
+        })?;
+    }
+    Ok(Some((
+        server,
+        LocalTls {
+            ca,
+            server_name: config.server_name.clone(),
+        },
+    )))
+}
+
 /// The local driver: keeps one agent process running, restarting it with
 /// backoff when it dies. Agents outlive a stopped or crashed supervisor and
 /// reconnect to the next one, which reconciles their jobs; with nothing to
@@ -640,6 +776,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
 async fn local_agent(
     index: u32,
     agent_addr: SocketAddr,
+    tls: Option<LocalTls>,
     data_dir: PathBuf,
     leave_secs: u64,
     retention: Retention,
@@ -654,10 +791,22 @@ async fn local_agent(
     let mut delay_ms = 100u64;
     loop {
         let began = foreman::seam::now();
-        let child = tokio::process::Command::new(&exe)
-            .arg("agent")
-            .arg("--supervisor")
-            .arg(agent_addr.to_string())
+        let mut command = tokio::process::Command::new(&exe);
+        command.arg("agent");
+        match &tls {
+            None => command.arg("--supervisor").arg(agent_addr.to_string()),
+            Some(tls) => {
+                if let Some(name) = &tls.server_name {
+                    command.arg("--tls-server-name").arg(name);
+                }
+                command
+                    .arg("--supervisor")
+                    .arg(format!("wss://{agent_addr}"))
+                    .arg("--tls-ca")
+                    .arg(&tls.ca)
+            }
+        };
+        let child = command
             .arg("--token-file")
             .arg(data_dir.join("agents").join(format!("local-{index}.token")))
             .arg("--id")
@@ -697,6 +846,13 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
             .to_string(),
         (None, None) => return Err("give --token or --token-file".into()),
     };
+    let supervisor = Endpoint::parse(
+        &args.supervisor,
+        "wss",
+        "ws",
+        args.tls.tls_ca.as_deref(),
+        args.tls.tls_server_name.as_deref(),
+    )?;
     let work_dir = args
         .work_dir
         .unwrap_or_else(|| PathBuf::from("foreman-runs"));
@@ -713,7 +869,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         .trim()
         .to_string();
     let options = AgentOptions {
-        supervisor: args.supervisor,
+        supervisor: supervisor.addr,
         token,
         agent_id: args
             .id
@@ -725,6 +881,7 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         reconnect_max_ms: 10_000,
         reconnect_attempts_max: None,
         leave_alone_ms: args.leave_after_secs.map(|secs| secs.saturating_mul(1000)),
+        tls: supervisor.tls,
     };
     let defaults = Retention::default();
     let outbox_dir = options.work_dir.join("outbox");
@@ -752,8 +909,14 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
 
 fn client(args: &ClientArgs) -> Result<Client, String> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let addr = match &args.server {
-        Some(addr) => addr.clone(),
+    let endpoint = match &args.server {
+        Some(server) => Endpoint::parse(
+            server,
+            "https",
+            "http",
+            args.tls.tls_ca.as_deref(),
+            args.tls.tls_server_name.as_deref(),
+        )?,
         None => {
             let path = data_dir.join("server.json");
             let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -764,7 +927,16 @@ fn client(args: &ClientArgs) -> Result<Client, String> {
             })?;
             let file: ServerFile =
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            file.api
+            Endpoint::parse(
+                &file.api,
+                "https",
+                "http",
+                args.tls.tls_ca.as_deref().or(file.tls_ca.as_deref()),
+                args.tls
+                    .tls_server_name
+                    .as_deref()
+                    .or(file.tls_server_name.as_deref()),
+            )?
         }
     };
     let token = match &args.token {
@@ -782,7 +954,10 @@ fn client(args: &ClientArgs) -> Result<Client, String> {
                 .to_string()
         }
     };
-    Ok(Client::new(addr, token))
+    Ok(Client {
+        tls: endpoint.tls,
+        ..Client::new(endpoint.addr, token)
+    })
 }
 
 fn print_json<T: Serialize>(value: &T) {

@@ -42,6 +42,8 @@ pub struct ServerOptions {
     pub journal_segments_max: usize,
     /// Bounds on the API's connections and event streams.
     pub http: http::HttpLimits,
+    /// TLS for both listeners (`crate::tls::server_config`); none: plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// A tap on the core (the simulator's trace and checks); none in production.
     pub observer: Option<Arc<dyn executor::Observer>>,
     /// Extra time every commit takes, half before it is durable and half
@@ -163,6 +165,7 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     let agent_addr = agent_listener
         .local_addr()
         .map_err(|e| StartError::Listen(options.agent_addr, e))?;
+    let tls = options.tls.clone().map(crate::tls::TlsAcceptor::from);
     let state = api::ApiState::new(
         core_handle.clone(),
         hub.clone(),
@@ -174,17 +177,19 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         api_listener,
         router.clone(),
         options.http.clone(),
+        tls.clone(),
     ));
     let fence_ms = agents::fence_ms(options.core.agent_grace_ms, &options.endpoint);
     tokio::spawn(agents::serve(
         agent_listener,
+        tls,
         options.endpoint.clone(),
         credentials.clone(),
         fence_ms,
         core_handle.clone(),
         hub.clone(),
     ));
-    info!(%api_addr, %agent_addr, "supervisor listening");
+    info!(%api_addr, %agent_addr, tls = options.tls.is_some(), "supervisor listening");
     Ok(Running {
         api_addr,
         agent_addr,

@@ -51,6 +51,7 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         journal_segments_max: 0,
         observer: None,
         commit_delay_ms: 0,
+        tls: None,
         http: Default::default(),
     })
     .await
@@ -66,6 +67,7 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         reconnect_max_ms: 500,
         reconnect_attempts_max: Some(100),
         leave_alone_ms: None,
+        tls: None,
     };
     tokio::spawn(Agent::new(options, Arc::new(PanickingRunner)).run());
     let admin = Client::new(running.api_addr.to_string(), "admin-secret");

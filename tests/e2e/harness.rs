@@ -55,6 +55,8 @@ pub struct Supervisor {
     pub admin: Client,
     /// Extra `foreman serve` arguments, kept across restarts.
     pub extra: Vec<String>,
+    /// TLS to the API, as the supervisor's `server.json` tells local clients.
+    pub tls: Option<foreman::tls::ClientTls>,
 }
 
 impl Supervisor {
@@ -79,6 +81,7 @@ impl Supervisor {
             agent: String::new(),
             admin: Client::new("", ""),
             extra,
+            tls: None,
         };
         supervisor
             .launch(local_agents, "127.0.0.1:0", "127.0.0.1:0")
@@ -140,8 +143,12 @@ impl Supervisor {
         let file: serde_json::Value = serde_json::from_str(&text).expect("server.json is JSON");
         self.api = file["api"].as_str().expect("api").to_string();
         self.agent = file["agent"].as_str().expect("agent").to_string();
+        self.tls = file["tls_ca"].as_str().map(|ca| {
+            let name = file["tls_server_name"].as_str().unwrap_or("127.0.0.1");
+            foreman::tls::ClientTls::new(Some(Path::new(ca)), name).expect("the supervisor's CA")
+        });
         let token = std::fs::read_to_string(self.path().join("admin.token")).expect("admin token");
-        self.admin = Client::new(self.api.clone(), token.trim());
+        self.admin = self.client(token.trim());
     }
 
     /// kill -9 of the supervisor alone (its agents live on).
@@ -212,7 +219,15 @@ impl Supervisor {
             .expect("token")
             .trim()
             .to_string();
-        Client::new(self.api.clone(), token)
+        self.client(&token)
+    }
+
+    /// A client of this supervisor's API with `token` (over TLS if it has TLS).
+    pub fn client(&self, token: &str) -> Client {
+        Client {
+            tls: self.tls.clone(),
+            ..Client::new(self.api.clone(), token)
+        }
     }
 
     /// Runs the CLI against this supervisor; returns (success, stdout, stderr).

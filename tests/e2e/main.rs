@@ -8,6 +8,7 @@ mod harness;
 mod hostile;
 mod lifecycle;
 mod many_users;
+mod tls;
 
 use std::time::Duration;
 

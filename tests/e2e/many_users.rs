@@ -260,6 +260,26 @@ async fn many_users_jobs_run_as_their_mapped_user_and_cannot_read_the_supervisor
             tried.job.output_tail
         );
     }
+    // A data dir its job users may not pass through (as root's home would
+    // be): the job fails at start, saying which directory and what to do.
+    use std::os::unix::fs::PermissionsExt;
+    let set =
+        |mode| std::fs::set_permissions(sup.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    set(0o700);
+    let stopped = run(ana.clone(), "echo unreachable".into()).await;
+    set(0o711);
+    assert_eq!(stopped.job.state, JobState::Failed, "{stopped:?}");
+    let expected = format!(
+        "daemon cannot reach the run dir: {} is 700",
+        sup.path().display()
+    );
+    assert!(
+        stopped.job.reason.contains(&expected),
+        "{}",
+        stopped.job.reason
+    );
+    let again = run(ana, "echo reachable".into()).await;
+    assert_eq!(again.job.output_tail, "reachable\n", "{again:?}");
 }
 
 /// Runs `sh -c script` as `client` and waits for it to end.

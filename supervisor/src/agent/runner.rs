@@ -87,6 +87,12 @@ fn run_as(
             "run as {name}: this agent runs as uid {me} and may not switch users (run it as root, or map this user to the agent's own)"
         ));
     }
+    if let Some((dir, mode)) = blocked_ancestor(run_dir, user.uid.as_raw(), &groups_of(&user)) {
+        return Err(format!(
+            "run as {name}: {name} cannot reach the run dir: {} is {mode:o} and does not let {name} pass through. Put the agent's work dir (a local agent's is in the supervisor's data dir) under directories others may pass through, such as /var/lib/foreman",
+            dir.display()
+        ));
+    }
     // The run dir and its output are the job user's, and nobody else's.
     chown(run_dir, Some(user.uid), Some(user.gid))
         .and_then(|()| fchown(output, Some(user.uid), Some(user.gid)))
@@ -100,6 +106,38 @@ fn run_as(
         .env("USER", name)
         .env("LOGNAME", name);
     Ok(())
+}
+
+/// The groups `user` is in: its own and its supplementary ones.
+fn groups_of(user: &nix::unistd::User) -> Vec<u32> {
+    let name = std::ffi::CString::new(user.name.as_str()).unwrap_or_default();
+    nix::unistd::getgrouplist(&name, user.gid).map_or_else(
+        |_| vec![user.gid.as_raw()],
+        |groups| groups.iter().map(|g| g.as_raw()).collect(),
+    )
+}
+
+/// The first directory above `path` that a user (`uid`, in `groups`) may
+/// not pass through, and its mode: a job run as that user could not reach
+/// its run dir. None if every one lets it through.
+pub fn blocked_ancestor(
+    path: &std::path::Path,
+    uid: u32,
+    groups: &[u32],
+) -> Option<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    path.ancestors().skip(1).find_map(|dir| {
+        let meta = std::fs::metadata(dir).ok()?;
+        let mode = meta.mode() & 0o7777;
+        let passes = if meta.uid() == uid {
+            mode & 0o100 != 0
+        } else if groups.contains(&meta.gid()) {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        (!passes).then(|| (dir.to_path_buf(), mode))
+    })
 }
 
 /// Creates `dir` (and its parents) and gives it `mode`.

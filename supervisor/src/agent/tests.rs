@@ -47,6 +47,7 @@ fn options() -> AgentOptions {
         reconnect_max_ms: 64,
         reconnect_attempts_max: None,
         leave_alone_ms: None,
+        tls: None,
     }
 }
 
@@ -320,6 +321,7 @@ async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
     let options = AgentOptions {
         reconnect_attempts_max: Some(3),
         leave_alone_ms: None,
+        tls: None,
         ..options()
     };
     let agent = Agent::new(options, Arc::new(Counting::default()));
@@ -333,6 +335,7 @@ async fn an_agent_that_cannot_connect_gives_up_after_its_bound() {
 async fn an_agent_alone_with_nothing_to_run_leaves_and_one_with_a_run_stays() {
     let options = AgentOptions {
         leave_alone_ms: Some(50),
+        tls: None,
         ..options()
     };
     // Nothing running: it leaves, having tried more than once.
@@ -532,4 +535,41 @@ fn kept_results_that_are_not_results_are_moved_aside_never_trusted() {
     }
     assert_eq!(runner.kept_results().len(), 1, "the next read is the same");
     assert_eq!(runner::kept_result_key("12-3.json"), Some((JobId(12), 3)));
+}
+
+#[test]
+fn a_directory_a_job_user_may_not_pass_through_is_found_by_its_bits() {
+    use crate::agent::runner::blocked_ancestor;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = dir.path().join("closed");
+    let run = closed.join("runs").join("1-1");
+    std::fs::create_dir_all(&run).expect("dirs");
+    let owner = std::fs::metadata(&closed).expect("meta");
+    let (uid, gid) = (owner.uid(), owner.gid());
+    let stranger = uid.wrapping_add(12_345);
+    let set = |mode: u32| {
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    // 0700: a stranger is stopped at `closed`; its owner passes.
+    set(0o700);
+    assert_eq!(
+        blocked_ancestor(&run, stranger, &[]),
+        Some((closed.clone(), 0o700))
+    );
+    assert_eq!(blocked_ancestor(&run, uid, &[]), None);
+    // 0710: a member of its group passes, others do not.
+    set(0o710);
+    assert_eq!(blocked_ancestor(&run, stranger, &[gid]), None);
+    assert!(blocked_ancestor(&run, stranger, &[]).is_some());
+    // 0711: everyone passes; an owner without its own x bit does not.
+    set(0o711);
+    assert_eq!(blocked_ancestor(&run, stranger, &[]), None);
+    set(0o011);
+    assert_eq!(
+        blocked_ancestor(&run, uid, &[gid]),
+        Some((closed.clone(), 0o011)),
+        "the owner's bits alone count for the owner"
+    );
+    set(0o755);
 }

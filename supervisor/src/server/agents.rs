@@ -20,6 +20,7 @@ use crate::protocol::{self, FromAgent, ProtocolError, ToAgentMsg};
 use crate::seam;
 use crate::shell::actor::CoreHandle;
 use crate::store::Store;
+use crate::tls::{self, Accepted, TlsAcceptor};
 
 use super::hub::{Hub, Outgoing};
 
@@ -133,6 +134,7 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     endpoint: AgentEndpoint,
     credentials: Credentials,
     fence_ms: u64,
@@ -143,9 +145,10 @@ pub async fn serve(
         let (stream, peer) = super::accept(&listener, "agent").await;
         let (endpoint, core, hub) = (endpoint.clone(), core.clone(), hub.clone());
         let credentials = credentials.clone();
+        let tls = tls.clone();
         let span = tracing::info_span!("agent_conn", peer = %peer);
         tokio::spawn(
-            connection(stream, endpoint, credentials, fence_ms, core, hub).instrument(span),
+            connection(stream, tls, endpoint, credentials, fence_ms, core, hub).instrument(span),
         );
     }
 }
@@ -154,13 +157,28 @@ pub async fn serve(
 /// simulator's cancellation-point exploration).
 pub async fn connection(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     endpoint: AgentEndpoint,
     credentials: Credentials,
     fence_ms: u64,
     core: CoreHandle,
     hub: Arc<Hub>,
 ) {
-    let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config()));
+    // The TLS handshake and the websocket upgrade share hello_timeout_ms.
+    let handshake = async {
+        match tls::accept(stream, tls.as_ref()).await {
+            Ok(Accepted::Ready(stream)) => {
+                tokio_tungstenite::accept_async_with_config(stream, Some(ws_config()))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Ok(Accepted::Plaintext(_)) => Err(
+                "plaintext on the TLS agent endpoint: the agent must use TLS (wss://, or --tls-ca)"
+                    .to_string(),
+            ),
+            Err(e) => Err(format!("TLS: {e}")),
+        }
+    };
     let ws = match tokio::time::timeout(Duration::from_millis(endpoint.hello_timeout_ms), handshake)
         .await
     {

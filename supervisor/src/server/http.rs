@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::seam;
+use crate::tls::{self, Accepted, TlsAcceptor};
 
 /// The bounds on the API's connections (`[http]` in the configuration file).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,19 +83,46 @@ impl HttpLimits {
 /// 431 (the API's own, JSON, 431 comes earlier: `api::HEAD_BYTES_MAX`).
 const HEAD_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Serves `router` on every connection `listener` accepts, within `limits`.
-pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits) {
+/// Serves `router` on every connection `listener` accepts, within `limits`,
+/// over TLS if `tls` is set.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    tls: Option<TlsAcceptor>,
+) {
     let open = Arc::new(Semaphore::new(limits.connections_max));
     loop {
         let (stream, peer) = super::accept(&listener, "api").await;
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, peer, limits.connections_max));
+            tokio::spawn(refuse(stream, tls.clone(), peer, limits.connections_max));
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
         let limits = limits.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // The TLS handshake is part of the head: it has the same time.
+            let header_timeout = Duration::from_millis(limits.header_timeout_ms);
+            let stream =
+                match tokio::time::timeout(header_timeout, tls::accept(stream, tls.as_ref())).await
+                {
+                    Ok(Ok(Accepted::Ready(stream))) => stream,
+                    Ok(Ok(Accepted::Plaintext(stream))) => {
+                        info!(%peer, "http connection refused: plaintext on the TLS API");
+                        answer_and_close(stream, &plaintext_on_tls()).await;
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        info!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        info!(%peer, "no TLS handshake within header_timeout_ms");
+                        return;
+                    }
+                };
             let moved = Arc::new(AtomicU64::new(seam::now().0));
             let io = Watched {
                 inner: stream,
@@ -103,7 +131,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits) {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(seam::HyperTimer)
-                .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
+                .header_read_timeout(header_timeout)
                 .max_buf_size(HEAD_BUFFER_BYTES);
             let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
@@ -130,29 +158,62 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits) {
 }
 
 /// Over the cap: a short JSON 503, and the connection closed.
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) {
+async fn refuse(stream: TcpStream, tls: Option<TlsAcceptor>, peer: SocketAddr, max: usize) {
     warn!(%peer, max, "http connection refused: too many open");
-    let body = format!(
-        r#"{{"error":"too many connections: the API serves {max} at once; try again shortly"}}"#
+    let response = json_answer(
+        "503 Service Unavailable",
+        "retry-after: 1\r\n",
+        &format!("too many connections: the API serves {max} at once; try again shortly"),
     );
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let write = async {
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
+    // A peer that does not read, or never finishes its TLS handshake,
+    // cannot hold the task.
+    let answer = async {
+        match tls::accept(stream, tls.as_ref()).await {
+            Ok(Accepted::Ready(stream)) => write_and_close(stream, &response).await,
+            Ok(Accepted::Plaintext(stream)) => write_and_close(stream, &plaintext_on_tls()).await,
+            Err(_) => {}
+        }
     };
-    // A peer that does not read cannot hold the task.
     crate::select! {
-        () = write => {}
+        () = answer => {}
         () = tokio::time::sleep(Duration::from_secs(1)) => {}
     }
 }
 
+/// A whole HTTP/1.1 answer with a JSON error, closing the connection.
+fn json_answer(status: &str, headers: &str, error: &str) -> String {
+    let body = serde_json::json!({ "error": error }).to_string();
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// What a plaintext HTTP client on the TLS API is told.
+fn plaintext_on_tls() -> String {
+    json_answer(
+        "400 Bad Request",
+        "",
+        "this API speaks TLS only: use https:// (the CLI: --server https://HOST:PORT, or --tls-ca)",
+    )
+}
+
+/// Writes `response` and closes, within a second.
+async fn answer_and_close(stream: TcpStream, response: &str) {
+    crate::select! {
+        () = write_and_close(stream, response) => {}
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+}
+
+async fn write_and_close(mut stream: impl tokio::io::AsyncWrite + Unpin, response: &str) {
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
 /// A stream that notes when bytes last moved through it, either way.
 struct Watched {
-    inner: TcpStream,
+    inner: tls::Stream,
     moved: Arc<AtomicU64>,
 }
 
