@@ -140,8 +140,8 @@ struct ServeArgs {
     /// TOML file with any of these settings, and a [core] table (plans, pools, timeouts).
     #[arg(long, env = "FOREMAN_CONFIG")]
     config: Option<PathBuf>,
-    /// Database, tokens, run dirs. [default: $XDG_DATA_HOME/foreman or
-    /// ~/.local/share/foreman; for root, /var/lib/foreman]
+    /// Database, tokens, run dirs. [default: $XDG_DATA_HOME/foreman if set,
+    /// else /var/lib/foreman for root and ~/.local/share/foreman for others]
     #[arg(long, env = "FOREMAN_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// HTTP API address. [default: 127.0.0.1:8470]
@@ -178,10 +178,10 @@ struct ServeArgs {
     #[arg(long, env = "FOREMAN_JOURNAL_SEGMENTS")]
     journal_segments: Option<usize>,
     /// PEM certificate chain for TLS on both listeners (`[tls] cert`).
-    #[arg(long, env = "FOREMAN_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "FOREMAN_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert (`[tls] key`).
-    #[arg(long, env = "FOREMAN_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "FOREMAN_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Listen beyond loopback without TLS (`[tls] allow_plaintext`).
     #[arg(long)]
@@ -459,21 +459,27 @@ fn init_logs() {
         .try_init();
 }
 
-/// `$XDG_DATA_HOME/foreman`, else `~/.local/share/foreman`; for root,
-/// `/var/lib/foreman`: jobs never run as root, and the users they run as
-/// must pass through the data dir's parents to reach their run dirs, which
-/// root's home (0700) does not let them do.
+/// `$XDG_DATA_HOME/foreman` if set; else, for root, `/var/lib/foreman` (jobs
+/// never run as root, and the users they run as must pass through the data
+/// dir's parents to reach their run dirs, which root's home, 0700, does not
+/// let them do), and `~/.local/share/foreman` for others.
 fn default_data_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/foreman");
-    }
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(xdg).join("foreman");
     }
-    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".local/share/foreman"),
-        None => PathBuf::from("foreman-data"),
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|home| PathBuf::from(home).join(".local/share/foreman"));
+    if nix::unistd::geteuid().is_root() {
+        // A data dir made there by an earlier version is kept, not left
+        // behind (serve warns that its jobs' users cannot reach it).
+        let system = PathBuf::from("/var/lib/foreman");
+        return match home {
+            Some(old) if old.join("foreman.db").exists() && !system.exists() => old,
+            _ => system,
+        };
     }
+    home.unwrap_or_else(|| PathBuf::from("foreman-data"))
 }
 
 /// Reads a token file, or writes a new token there (readable by its owner only).
@@ -539,6 +545,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     // Others may pass through (to reach a run dir) but not list it; its
     // secrets are the supervisor's user's alone.
     create_dir_mode(&data_dir, 0o711).map_err(|e| format!("data dir {e}"))?;
+    // Absolute and without links: local agents' work dirs and the run-dir
+    // check see the real path.
+    let data_dir = std::fs::canonicalize(&data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
     let api_addr = args
         .api_addr
         .or(file.api_addr)
@@ -669,9 +679,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     if local_agents > 0 && nix::unistd::geteuid().is_root() {
         // Root's local agents run jobs as other users, who must reach
         // their run dirs: say so now rather than fail every job.
-        if let Some((dir, mode)) =
-            foreman::agent::runner::blocked_ancestor(&runs.join("x"), u32::MAX, &[])
-        {
+        if let Some((dir, mode)) = foreman::agent::runner::blocked_ancestor(&runs, u32::MAX, &[]) {
             tracing::warn!(
                 dir = %dir.display(),
                 mode = format!("{mode:o}"),

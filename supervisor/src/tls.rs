@@ -6,10 +6,13 @@
 //! Plaintext stays the default on loopback; the binary refuses to listen
 //! beyond loopback without TLS unless told to (`[tls] allow_plaintext`).
 //!
-//! Clients name the supervisor as `host:port` (TLS if a CA file is given),
-//! or with a scheme: `https://` / `wss://` for TLS, `http://` / `ws://` for
-//! plaintext. They verify the supervisor's certificate against the CA file
-//! (or the system's bundle), for the host they connect to or the name given.
+//! Clients name the supervisor with a scheme, `https://` / `wss://` for TLS
+//! and `http://` / `ws://` for plaintext, or as a bare `host:port`: TLS
+//! unless the host is a loopback address or `localhost` and neither a CA
+//! file nor a server name is given (a token never leaves the host in clear
+//! by default). They verify the supervisor's certificate against the CA
+//! file (or the system's bundle), for the host they connect to or the name
+//! given.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -305,8 +308,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Reads `text` (`host:port`, or with one of the `secure` or `plain`
-    /// schemes). TLS is on for a secure scheme, or for a bare address with
-    /// a CA file; `name` overrides the name verified (default: the host).
+    /// schemes). TLS is on for a secure scheme, and for a bare address
+    /// unless it is on loopback with no CA file and no name given; `name`
+    /// overrides the name verified (default: the host).
     pub fn parse(
         text: &str,
         secure: &str,
@@ -317,9 +321,9 @@ impl Endpoint {
         let (addr, tls) = if let Some(rest) = text.strip_prefix(&format!("{secure}://")) {
             (rest, true)
         } else if let Some(rest) = text.strip_prefix(&format!("{plain}://")) {
-            if ca.is_some() {
+            if ca.is_some() || name.is_some() {
                 return Err(format!(
-                    "{text}: a {plain}:// address is plaintext, but a TLS CA file is given; use {secure}://"
+                    "{text}: a {plain}:// address is plaintext, but a TLS CA file or server name is given; use {secure}://"
                 ));
             }
             (rest, false)
@@ -328,7 +332,7 @@ impl Endpoint {
                 "{text}: give host:port, {secure}://host:port or {plain}://host:port"
             ));
         } else {
-            (text, ca.is_some())
+            (text, true)
         };
         let addr = addr.trim_end_matches('/');
         let Some((host, port)) = addr.rsplit_once(':') else {
@@ -337,9 +341,15 @@ impl Endpoint {
         if port.parse::<u16>().is_err() || host.is_empty() {
             return Err(format!("{text}: not host:port"));
         }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let bare = !text.contains("://");
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let tls = tls && !(bare && loopback && ca.is_none() && name.is_none());
         let tls = if tls {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            Some(ClientTls::new(ca, name.unwrap_or(host))?)
+            Some(ClientTls::new(ca, name.unwrap_or(host)).map_err(|e| {
+                format!("{e} (for a supervisor without TLS, give {plain}://{addr})")
+            })?)
         } else {
             None
         };
@@ -438,13 +448,29 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_address_is_plaintext_without_a_ca() {
-        let e = parse("127.0.0.1:8470", None).expect("parses");
-        assert_eq!(e.addr, "127.0.0.1:8470");
-        assert!(e.tls.is_none());
+    fn a_bare_address_is_plaintext_only_on_loopback_without_a_ca() {
+        for local in ["127.0.0.1:8470", "localhost:8470", "[::1]:8470"] {
+            let e = parse(local, None).expect("parses");
+            assert_eq!(e.addr, local);
+            assert!(e.tls.is_none(), "{local}");
+        }
         let e = parse("http://example.org:80/", None).expect("parses");
         assert_eq!(e.addr, "example.org:80");
         assert!(e.tls.is_none());
+        // Elsewhere, a bare address is TLS: with a CA file that is missing,
+        // that is the error, and it says how to ask for plaintext.
+        let err = Endpoint::parse(
+            "example.org:8470",
+            "https",
+            "http",
+            Some(Path::new("/nonexistent/ca.pem")),
+            None,
+        )
+        .expect_err("TLS, and no CA file");
+        assert!(err.contains("http://example.org:8470"), "{err}");
+        let err = Endpoint::parse("http://127.0.0.1:1", "https", "http", None, Some("x"))
+            .expect_err("a name with plaintext");
+        assert!(err.contains("use https://"), "{err}");
     }
 
     #[test]

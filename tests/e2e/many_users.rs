@@ -270,8 +270,8 @@ async fn many_users_jobs_run_as_their_mapped_user_and_cannot_read_the_supervisor
     set(0o711);
     assert_eq!(stopped.job.state, JobState::Failed, "{stopped:?}");
     let expected = format!(
-        "daemon cannot reach the run dir: {} is 700",
-        sup.path().display()
+        ": {} is 700 and does not let daemon pass through",
+        std::fs::canonicalize(sup.path()).unwrap().display()
     );
     assert!(
         stopped.job.reason.contains(&expected),

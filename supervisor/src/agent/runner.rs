@@ -69,7 +69,7 @@ fn run_as(
     name: &str,
     run_dir: &std::path::Path,
     output: &std::fs::File,
-) -> Result<(), String> {
+) -> Result<Option<Switched>, String> {
     use nix::unistd::{chown, fchown, geteuid, User};
     use std::os::unix::fs::PermissionsExt;
     let user = User::from_name(name)
@@ -80,17 +80,11 @@ fn run_as(
     }
     let me = geteuid();
     if user.uid == me {
-        return Ok(());
+        return Ok(None);
     }
     if !me.is_root() {
         return Err(format!(
             "run as {name}: this agent runs as uid {me} and may not switch users (run it as root, or map this user to the agent's own)"
-        ));
-    }
-    if let Some((dir, mode)) = blocked_ancestor(run_dir, user.uid.as_raw(), &groups_of(&user)) {
-        return Err(format!(
-            "run as {name}: {name} cannot reach the run dir: {} is {mode:o} and does not let {name} pass through. Put the agent's work dir (a local agent's is in the supervisor's data dir) under directories others may pass through, such as /var/lib/foreman",
-            dir.display()
         ));
     }
     // The run dir and its output are the job user's, and nobody else's.
@@ -105,28 +99,48 @@ fn run_as(
         .env("HOME", &user.dir)
         .env("USER", name)
         .env("LOGNAME", name);
-    Ok(())
+    Ok(Some(Switched {
+        name: name.to_string(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
 }
 
-/// The groups `user` is in: its own and its supplementary ones.
-fn groups_of(user: &nix::unistd::User) -> Vec<u32> {
-    let name = std::ffi::CString::new(user.name.as_str()).unwrap_or_default();
-    nix::unistd::getgrouplist(&name, user.gid).map_or_else(
-        |_| vec![user.gid.as_raw()],
-        |groups| groups.iter().map(|g| g.as_raw()).collect(),
-    )
+/// The user a job was switched to (with its primary group only: the
+/// process keeps no supplementary groups).
+struct Switched {
+    name: String,
+    uid: u32,
+    gid: u32,
 }
 
-/// The first directory above `path` that a user (`uid`, in `groups`) may
-/// not pass through, and its mode: a job run as that user could not reach
-/// its run dir. None if every one lets it through.
+impl Switched {
+    /// Why the job's user could not start in `cwd`, if a directory on the
+    /// way stops it; checked after the start failed ("Permission denied"),
+    /// so that access granted otherwise (ACLs) is never refused here.
+    fn stopped_at(&self, cwd: &std::path::Path) -> Option<String> {
+        let real = std::fs::canonicalize(cwd).ok()?;
+        let (dir, mode) = blocked_ancestor(&real, self.uid, &[self.gid])?;
+        Some(format!(
+            "run as {name}: {name} cannot reach {}: {} is {mode:o} and does not let {name} pass through. Put the agent's work dir (a local agent's is in the supervisor's data dir) under directories others may pass through, such as /var/lib/foreman",
+            real.display(),
+            dir.display(),
+            name = self.name
+        ))
+    }
+}
+
+/// The first of `path` (absolute, with no symbolic links: canonical) and the
+/// directories above it that a user (`uid`, in `groups`) may not pass
+/// through, by their mode bits, and that mode: a job run as that user could
+/// not reach `path`. None if every one lets it through.
 pub fn blocked_ancestor(
     path: &std::path::Path,
     uid: u32,
     groups: &[u32],
 ) -> Option<(std::path::PathBuf, u32)> {
     use std::os::unix::fs::MetadataExt;
-    path.ancestors().skip(1).find_map(|dir| {
+    path.ancestors().find_map(|dir| {
         let meta = std::fs::metadata(dir).ok()?;
         let mode = meta.mode() & 0o7777;
         let passes = if meta.uid() == uid {
@@ -336,21 +350,23 @@ impl ProcessRunner {
                 command.env(name, value);
             }
         }
+        let mut switched = None;
         if let Some(name) = spec.run_as.as_ref().or(self.default_run_as.as_ref()) {
-            if let Err(why) = run_as(&mut command, name, &order.run_dir, &output) {
-                return spawn_failed(why);
+            match run_as(&mut command, name, &order.run_dir, &output) {
+                Ok(user) => switched = user,
+                Err(why) => return spawn_failed(why),
             }
         }
+        let cwd = spec
+            .cwd
+            .as_ref()
+            .map_or(order.run_dir.clone(), PathBuf::from);
         command
             .args(&spec.argv[1..])
             .envs(&spec.env)
             .env("FOREMAN_JOB_ID", order.job.to_string())
             .env("FOREMAN_ATTEMPT", order.attempt.to_string())
-            .current_dir(
-                spec.cwd
-                    .as_ref()
-                    .map_or(order.run_dir.clone(), PathBuf::from),
-            )
+            .current_dir(&cwd)
             .stdin(std::process::Stdio::null())
             .stdout(output)
             .stderr(errors)
@@ -359,12 +375,17 @@ impl ProcessRunner {
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
-                return spawn_failed(match &spec.cwd {
-                    Some(cwd) if !std::path::Path::new(cwd).is_dir() => {
+                let stopped = switched
+                    .as_ref()
+                    .filter(|_| e.kind() == std::io::ErrorKind::PermissionDenied)
+                    .and_then(|user| user.stopped_at(&cwd));
+                return spawn_failed(match (&spec.cwd, stopped) {
+                    (_, Some(why)) => why,
+                    (Some(cwd), None) if !std::path::Path::new(cwd).is_dir() => {
                         format!("cwd {cwd}: not a directory")
                     }
                     _ => format!("{}: {e}", spec.argv[0]),
-                })
+                });
             }
         };
         let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));

@@ -545,6 +545,11 @@ fn a_directory_a_job_user_may_not_pass_through_is_found_by_its_bits() {
     let closed = dir.path().join("closed");
     let run = closed.join("runs").join("1-1");
     std::fs::create_dir_all(&run).expect("dirs");
+    // Whatever the umask: only `closed` is ever shut to anyone.
+    for open in [dir.path(), &closed.join("runs"), &run] {
+        std::fs::set_permissions(open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
     let owner = std::fs::metadata(&closed).expect("meta");
     let (uid, gid) = (owner.uid(), owner.gid());
     let stranger = uid.wrapping_add(12_345);

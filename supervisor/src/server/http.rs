@@ -103,7 +103,8 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            // The TLS handshake is part of the head: it has the same time.
+            // The TLS handshake is part of the head: both share its time.
+            let began = seam::now();
             let header_timeout = Duration::from_millis(limits.header_timeout_ms);
             let stream =
                 match tokio::time::timeout(header_timeout, tls::accept(stream, tls.as_ref())).await
@@ -131,7 +132,12 @@ pub async fn serve(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(seam::HyperTimer)
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(Duration::from_millis(
+                    limits
+                        .header_timeout_ms
+                        .saturating_sub(seam::now().ms_since(began))
+                        .max(1),
+                ))
                 .max_buf_size(HEAD_BUFFER_BYTES);
             let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
@@ -157,27 +163,20 @@ pub async fn serve(
     }
 }
 
-/// Over the cap: a short JSON 503, and the connection closed.
+/// Over the cap: a short JSON 503, and the connection closed. With TLS,
+/// closed at once: a handshake per refused connection would make the cap
+/// no bound on the work connections cost.
 async fn refuse(stream: TcpStream, tls: Option<TlsAcceptor>, peer: SocketAddr, max: usize) {
     warn!(%peer, max, "http connection refused: too many open");
+    if tls.is_some() {
+        return;
+    }
     let response = json_answer(
         "503 Service Unavailable",
         "retry-after: 1\r\n",
         &format!("too many connections: the API serves {max} at once; try again shortly"),
     );
-    // A peer that does not read, or never finishes its TLS handshake,
-    // cannot hold the task.
-    let answer = async {
-        match tls::accept(stream, tls.as_ref()).await {
-            Ok(Accepted::Ready(stream)) => write_and_close(stream, &response).await,
-            Ok(Accepted::Plaintext(stream)) => write_and_close(stream, &plaintext_on_tls()).await,
-            Err(_) => {}
-        }
-    };
-    crate::select! {
-        () = answer => {}
-        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-    }
+    answer_and_close(stream, &response).await;
 }
 
 /// A whole HTTP/1.1 answer with a JSON error, closing the connection.
@@ -198,17 +197,26 @@ fn plaintext_on_tls() -> String {
     )
 }
 
-/// Writes `response` and closes, within a second.
-async fn answer_and_close(stream: TcpStream, response: &str) {
+/// Writes `response` and closes, within a second (a peer that does not
+/// read cannot hold the task). What the peer still sends is read and
+/// dropped until it closes too, so that the answer is not cut off by a
+/// reset for unread bytes.
+async fn answer_and_close(mut stream: TcpStream, response: &str) {
+    use tokio::io::AsyncReadExt;
+    let answer = async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
     crate::select! {
-        () = write_and_close(stream, response) => {}
+        () = answer => {}
         () = tokio::time::sleep(Duration::from_secs(1)) => {}
     }
-}
-
-async fn write_and_close(mut stream: impl tokio::io::AsyncWrite + Unpin, response: &str) {
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
 }
 
 /// A stream that notes when bytes last moved through it, either way.
