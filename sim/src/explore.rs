@@ -198,6 +198,8 @@ async fn supervisor(trace: &Trace) -> (madsim::runtime::NodeHandle, Running) {
         journal_segments_max: 0,
         observer: Some(Arc::new(trace.clone())),
         commit_delay_ms: 0,
+        commit_without_fsync: false,
+        fsync_delay_us: 0,
         tls: None,
         http: Default::default(),
     };

@@ -15,7 +15,7 @@ use crate::scenario::Action;
 use crate::trace::{Entry, Ev, ProcessEnd};
 
 /// Every rare event, with what it means.
-pub const ALL: [(&str, &str); 22] = [
+pub const ALL: [(&str, &str); 23] = [
     (
         "cancel-while-queued",
         "a cancel reached the core while the job waited for a slot",
@@ -103,6 +103,10 @@ pub const ALL: [(&str, &str); 22] = [
     (
         "result-kept-across-restart",
         "a result kept on disk by an agent that then crashed was heard from its restarted agent",
+    ),
+    (
+        "decided-during-a-commit",
+        "the core decided inputs while the batch before them was being committed (pipelined commit)",
     ),
 ];
 
@@ -373,6 +377,7 @@ pub fn reached(trace: &[Entry]) -> BTreeMap<&'static str, usize> {
                     *restarted |= agents.contains(agent);
                 }
             }
+            Ev::Pipelined { .. } => hit("decided-during-a-commit"),
             _ => {}
         }
         if let Ev::Core {

@@ -49,6 +49,11 @@ pub enum Ev {
         agent: String,
         end: ProcessEnd,
     },
+    /// A batch handed to the commit stage held inputs the core decided
+    /// while the batch before it was being committed (pipelined commit).
+    Pipelined {
+        inputs: usize,
+    },
     /// An agent kept a result on its host's disk, unacknowledged.
     ResultKept {
         job: u64,
@@ -187,8 +192,13 @@ struct Inner {
     entries: Vec<Entry>,
     /// The core as of its latest committed batch.
     core: Option<CoreView>,
-    /// The core as last handled, its batch not yet committed.
+    /// The core as last handled, its batch not yet sealed.
     pending: Option<CoreView>,
+    /// Batches handed to the commit stage, oldest first: the core as each
+    /// left it (none if it handled no input).
+    sealed: std::collections::VecDeque<Option<CoreView>>,
+    /// Inputs handled since the last seal while a batch was committing.
+    decided_during_commit: usize,
 }
 
 /// A run's trace, shared by every node of the world (they all run on the
@@ -247,6 +257,8 @@ impl Trace {
         let mut inner = self.inner.lock().expect("trace lock");
         inner.core = None;
         inner.pending = None;
+        inner.sealed.clear();
+        inner.decided_during_commit = 0;
     }
 
     /// The simulated processes started and not yet ended: (job, attempt, agent).
@@ -299,13 +311,29 @@ impl foreman::server::executor::Observer for Trace {
             self.push(Ev::InvariantBroken { message });
         }
         let view = CoreView::of(core);
-        self.inner.lock().expect("trace lock").pending = Some(view);
+        let mut inner = self.inner.lock().expect("trace lock");
+        inner.pending = Some(view);
+        if !inner.sealed.is_empty() {
+            inner.decided_during_commit += 1;
+        }
+    }
+
+    fn sealed(&self) {
+        let inputs = {
+            let mut inner = self.inner.lock().expect("trace lock");
+            let pending = inner.pending.take();
+            inner.sealed.push_back(pending);
+            std::mem::take(&mut inner.decided_during_commit)
+        };
+        if inputs > 0 {
+            self.push(Ev::Pipelined { inputs });
+        }
     }
 
     fn committed(&self) {
         let changed = {
             let mut inner = self.inner.lock().expect("trace lock");
-            let pending = inner.pending.take();
+            let pending = inner.sealed.pop_front().flatten();
             let changed = pending.is_some() && inner.core != pending;
             if pending.is_some() {
                 inner.core = pending;
@@ -386,6 +414,9 @@ pub fn summary(entries: &[Entry]) -> String {
                 agent,
                 end,
             } => format!("process {job}/{attempt} on {agent}: {end:?}"),
+            Ev::Pipelined { inputs } => {
+                format!("a batch of {inputs} inputs decided while the one before it committed")
+            }
             Ev::ResultKept {
                 job,
                 attempt,

@@ -152,6 +152,8 @@ impl World {
             },
             observer: Some(Arc::new(trace.clone())),
             commit_delay_ms: topology.commit_ms,
+            commit_without_fsync: false,
+            fsync_delay_us: 0,
             tls: None,
             http: Default::default(),
         };

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 /// and how long after "started" the first timeout fired, in simulated ms.
 async fn hour_long_job_times_out() -> (String, u64) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let (handle, _task) = actor::spawn(Core::new(CoreConfig::default()), tx, 16);
+    let (handle, _task) = actor::spawn(Core::new(CoreConfig::default()), (), tx, 16);
     let agent = AgentId::new("a1");
     let conn = ConnId(1);
     let mut log = Vec::new();

@@ -171,7 +171,11 @@ fn dropping_shell_and_agent_paths_at_any_poll_leaks_nothing() {
     for path in foreman_sim::explore::PATHS {
         let report = foreman_sim::explore::explore(path, 40);
         assert!(report.findings.is_empty(), "{path}: {:#?}", report.findings);
-        assert!(report.cuts >= 2, "{path}: only {} cuts", report.cuts);
+        // A submit's or cancel's handler awaits once the input is in (its
+        // answer carries the job, no second trip to the core): dropping it
+        // there, answer pending, is the cut that matters. Loops have more.
+        let least = if path.starts_with("http-") { 1 } else { 2 };
+        assert!(report.cuts >= least, "{path}: only {} cuts", report.cuts);
         match path {
             // Request handlers end by themselves, after a few polls.
             "http-submit" | "http-cancel" => assert!(report.completed_at.is_some(), "{report:?}"),

@@ -10,6 +10,10 @@
 //!   p50/p99 submit→running and submit→done, supervisor peak RSS.
 //! - `rate FOREMAN_BIN`: the same agents, 1,000 jobs/s offered (open loop)
 //!   for 10 s: p50/p99 submit→running.
+//! - `fsync FOREMAN_BIN`: what durability costs, in one sitting: the disk's
+//!   fsync latency, then `noop` with commits not durable (a benchmark-only
+//!   setting), durable, and durable with 3 ms more per commit, as ratios;
+//!   then `rate` durable and with 3 ms more.
 //! - `processes FOREMAN_BIN`: two local agents running the real `true`, 16
 //!   clients; and, for comparison, how fast this machine spawns `true`
 //!   itself with the same concurrency.
@@ -130,7 +134,10 @@ fn start_server_with(
         .arg("--data-dir")
         .arg(dir.path())
         .args(extra)
-        .env("FOREMAN_LOG", "warn")
+        .env(
+            "FOREMAN_LOG",
+            std::env::var("FOREMAN_LOAD_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .expect("foreman serve starts");
@@ -404,10 +411,95 @@ async fn noop(bin: PathBuf) {
     );
 }
 
-async fn rate(bin: PathBuf) {
-    let server = start_server(&bin, 0, None);
+/// The disk's own fsync latency where the supervisors' data dirs live (the
+/// temp dir): 200 appends of 4 KiB, each made durable; (p50, p99) in µs.
+fn fsync_latency() -> (u64, u64) {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut file = std::fs::File::create(dir.path().join("probe")).expect("probe file");
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let began = Instant::now();
+        file.write_all(&[7u8; 4096]).expect("write");
+        file.sync_data().expect("fsync");
+        times.push(began.elapsed().as_micros() as u64);
+    }
+    times.sort_unstable();
+    (pct(&times, 0.5), pct(&times, 0.99))
+}
+
+/// The `noop` run with `clients` and `extra` serve arguments: (jobs/s end to end,
+/// submit->done p50, p99 in ms).
+async fn noop_end_to_end(bin: &Path, extra: &[&str], clients: usize) -> (f64, u64, u64) {
+    let server = start_server_with(bin, 0, None, extra);
     let admin = Client::new(server.api.clone(), server.token.clone());
-    start_agents(&bin, &server, 8, 64);
+    start_agents(bin, &server, 8, 64);
+    wait_agents(&admin, 8).await;
+    let (acked, secs) = closed_loop(&server, clients, 50_000, SubmitSpec::command(["noop"])).await;
+    let drain_secs = drain(&admin, acked).await;
+    let (_, to_done, done) = latencies(&admin).await;
+    eprintln!(
+        "  {acked} acknowledged in {secs:.1} s = {:.0} jobs/s submitted; last done {drain_secs:.1} s after the last submit",
+        acked as f64 / secs
+    );
+    (
+        done as f64 / (secs + drain_secs),
+        pct(&to_done, 0.5),
+        pct(&to_done, 0.99),
+    )
+}
+
+/// What durability costs, in one sitting: the `noop` run with commits that
+/// do not wait for the disk, durable, and durable with 3 ms more per fsync
+/// (a network disk's), with 64 clients and with 256; then the `rate` run
+/// durable and +3 ms. Ratios are to the run that is not durable with as
+/// many clients; the disk's fsync is measured first.
+async fn fsync(bin: PathBuf) {
+    let (p50, p99) = fsync_latency();
+    println!("this disk's fsync (the temp dir's), same sitting: p50 {p50} us, p99 {p99} us");
+    let runs: [(&str, &[&str]); 3] = [
+        (
+            "commits not durable (benchmark only)",
+            &["--bench-no-fsync"],
+        ),
+        ("durable", &[]),
+        (
+            "durable, +3 ms per fsync",
+            &["--bench-fsync-delay-us", "3000"],
+        ),
+    ];
+    for clients in [64, 256] {
+        let mut base = None;
+        for (label, extra) in runs {
+            let (rate, p50, p99) = noop_end_to_end(&bin, extra, clients).await;
+            let base = *base.get_or_insert(rate);
+            println!(
+                "noop end to end, {clients} clients, {label}: {rate:.0} jobs/s = {:.0}% of not durable; submit->done p50 {p50} ms p99 {p99} ms",
+                100.0 * rate / base
+            );
+        }
+    }
+    for (label, extra) in &runs[1..] {
+        let (p50, p99, max) = rate_run(&bin, extra).await;
+        println!(
+            "1,000 jobs/s offered, {label}: submit->running p50 {p50} ms p99 {p99} ms max {max} ms"
+        );
+    }
+}
+
+async fn rate(bin: PathBuf) {
+    let (p50, p99, max) = rate_run(&bin, &[]).await;
+    println!(
+        "noop runner, 1000 jobs/s offered for {RUN_SECS} s: submit->running p50 {p50} ms p99 {p99} ms max {max} ms"
+    );
+}
+
+/// 1,000 jobs/s offered for `RUN_SECS`, open loop: submit->running (p50,
+/// p99, max) in ms.
+async fn rate_run(bin: &Path, extra: &[&str]) -> (u64, u64, u64) {
+    let server = start_server_with(bin, 0, None, extra);
+    let admin = Client::new(server.api.clone(), server.token.clone());
+    start_agents(bin, &server, 8, 64);
     wait_agents(&admin, 8).await;
     let per_sec = 1_000u64;
     let total = per_sec * RUN_SECS;
@@ -438,12 +530,12 @@ async fn rate(bin: PathBuf) {
     let secs = began.elapsed().as_secs_f64();
     drain(&admin, sent).await;
     let (to_running, _, done) = latencies(&admin).await;
-    println!(
-        "noop runner, {per_sec} jobs/s offered for {RUN_SECS} s: {sent} acknowledged in {secs:.1} s, {done} done; submit->running p50 {} ms p99 {} ms max {} ms",
+    eprintln!("  {sent} acknowledged in {secs:.1} s, {done} done");
+    (
         pct(&to_running, 0.5),
         pct(&to_running, 0.99),
-        to_running.last().copied().unwrap_or(0)
-    );
+        to_running.last().copied().unwrap_or(0),
+    )
 }
 
 async fn processes(bin: PathBuf) {
@@ -689,7 +781,7 @@ fn finished_job(id: u64) -> Job {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mode), Some(bin)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: load noop|rate|processes|memory|listing|deep FOREMAN_BIN");
+        eprintln!("usage: load noop|rate|fsync|processes|memory|listing|deep FOREMAN_BIN");
         std::process::exit(2);
     };
     let bin = PathBuf::from(bin);
@@ -701,6 +793,7 @@ fn main() {
         match mode.as_str() {
             "noop" => noop(bin).await,
             "rate" => rate(bin).await,
+            "fsync" => fsync(bin).await,
             "processes" => processes(bin).await,
             "memory" => memory(bin).await,
             "deep" => deep(bin).await,

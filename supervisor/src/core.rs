@@ -65,7 +65,7 @@ pub use agents::{Agent, Link};
 pub use config::{CoreConfig, KindLimits, Plan, SubmitLimits};
 pub use io::{
     AgentMsg, AttemptReport, CancelError, CloseReason, Effect, Event, EventKind, FinishedReport,
-    GoneReason, Input, KillReason, Reply, Requester, ToAgent,
+    GoneReason, Input, JobAt, KillReason, Reply, Requester, ToAgent,
 };
 pub use job::{Attempt, Job, Outcome, Phase, StopReason, Transition};
 pub use machine::{Core, RestoreError};

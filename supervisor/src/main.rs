@@ -186,6 +186,13 @@ struct ServeArgs {
     /// Listen beyond loopback without TLS (`[tls] allow_plaintext`).
     #[arg(long)]
     allow_plaintext: bool,
+    /// Benchmarks only: every commit's fsync takes this much longer (a
+    /// slower disk), in µs.
+    #[arg(long, hide = true, default_value_t = 0)]
+    bench_fsync_delay_us: u64,
+    /// Benchmarks only: commits do not wait for the disk (not durable).
+    #[arg(long, hide = true)]
+    bench_no_fsync: bool,
 }
 
 /// The file form of `ServeArgs` (same names), plus the core's settings.
@@ -635,6 +642,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         journal_segments_max: args.journal_segments.or(file.journal_segments).unwrap_or(8),
         observer: None,
         commit_delay_ms: 0,
+        commit_without_fsync: args.bench_no_fsync,
+        fsync_delay_us: args.bench_fsync_delay_us,
         tls: tls.as_ref().map(|(config, _)| config.clone()),
         http: file.http.unwrap_or_default(),
     };

@@ -50,6 +50,12 @@ pub struct ServerOptions {
     /// after (a slow disk's fsync): for the simulator, whose commits are
     /// otherwise instant, and for benchmarks. 0 in production.
     pub commit_delay_ms: u64,
+    /// Commits that do not wait for the disk: benchmarks only (what
+    /// durability costs). False in production.
+    pub commit_without_fsync: bool,
+    /// Added to every commit's fsync, on the commit's own thread:
+    /// benchmarks only (a slower disk). 0 in production.
+    pub fsync_delay_us: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +116,17 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
         .map_err(|e| StartError::DataDir(options.data_dir.clone(), e))?;
     let db = options.data_dir.join("foreman.db");
     let mut writer = Store::open(&db)?;
+    if options.commit_without_fsync {
+        tracing::warn!("commits do not wait for the disk (a benchmark setting): a crash may lose acknowledged jobs");
+        writer.without_fsync()?;
+    }
+    if options.fsync_delay_us > 0 {
+        tracing::warn!(
+            us = options.fsync_delay_us,
+            "every commit takes longer (a benchmark setting)"
+        );
+        writer.with_fsync_delay(std::time::Duration::from_micros(options.fsync_delay_us));
+    }
     let reader = Store::open(&db)?;
     let now = seam::now();
     for (user, token_sha256) in &options.bootstrap_users {
@@ -145,14 +162,17 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
     } else {
         None
     };
-    let executor = executor::ServerExecutor {
-        store: writer,
-        hub: hub.clone(),
+    let recorder = executor::ServerRecorder {
         journal,
+        observer: options.observer.clone(),
+    };
+    let executor = executor::ServerExecutor {
+        store: Some(writer),
+        hub: hub.clone(),
         observer: options.observer.clone(),
         commit_delay_ms: options.commit_delay_ms,
     };
-    let (core_handle, actor) = actor::spawn(core, executor, 4096);
+    let (core_handle, actor) = actor::spawn(core, recorder, executor, 4096);
     let api_listener = TcpListener::bind(options.api_addr)
         .await
         .map_err(|e| StartError::Listen(options.api_addr, e))?;

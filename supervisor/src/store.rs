@@ -68,6 +68,9 @@ pub struct User {
 
 pub struct Store {
     conn: Connection,
+    /// Added to every commit, after its fsync: benchmarks only (a slower
+    /// disk than this one). None in production and in the simulator.
+    fsync_delay: Option<std::time::Duration>,
 }
 
 impl Store {
@@ -96,9 +99,26 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            fsync_delay: None,
+        };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Commits that do not wait for the disk (`synchronous = OFF`): for
+    /// benchmarks that measure what durability costs, never for production.
+    pub fn without_fsync(&mut self) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "synchronous", "OFF")?;
+        Ok(())
+    }
+
+    /// Every commit takes `delay` longer, as on a disk whose fsync is that
+    /// much slower: for benchmarks, never for production (it blocks the
+    /// calling thread, which in the server is a blocking-pool thread).
+    pub fn with_fsync_delay(&mut self, delay: std::time::Duration) {
+        self.fsync_delay = Some(delay);
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -162,6 +182,9 @@ impl Store {
             }
         }
         tx.commit()?;
+        if let Some(delay) = self.fsync_delay {
+            std::thread::sleep(delay);
+        }
         Ok(())
     }
 

@@ -51,6 +51,8 @@ async fn agent_a_panicking_runner_ends_its_attempt_failed() {
         journal_segments_max: 0,
         observer: None,
         commit_delay_ms: 0,
+        commit_without_fsync: false,
+        fsync_delay_us: 0,
         tls: None,
         http: Default::default(),
     })

@@ -273,6 +273,13 @@ async fn hostile_websocket_frames_tokens_and_duplicate_agents() {
     let twin = token("twin");
     let mut first = ws(&sup.agent).await;
     first.send(hello("twin", &twin)).await.unwrap();
+    // The first is in the core before the second says hello (else the
+    // second may be heard first, and be the one replaced).
+    wait_for("the first twin to connect", BOUND, || async {
+        let agents = sup.admin.agents().await.ok()?;
+        agents.to_string().contains("\"twin\"").then_some(())
+    })
+    .await;
     let mut second = ws(&sup.agent).await;
     second.send(hello("twin", &twin)).await.unwrap();
     assert!(closed(&mut first).await, "the first twin is replaced");

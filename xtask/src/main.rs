@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         Some("sim") => sim(&args[1..]),
         Some("fuzz") => sim(&[&["fuzz".to_string()], &args[1..]].concat()),
         _ => {
-            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|processes|memory|listing|deep]... | sim run|fuzz ... | fuzz ...");
+            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|fsync|processes|memory|listing|deep]... | sim run|fuzz ... | fuzz ...");
             return ExitCode::from(2);
         }
     };
@@ -209,7 +209,16 @@ fn load(modes: &[String]) -> Result<(), String> {
         ],
         &[],
     )?;
-    let all = ["noop", "rate", "processes", "memory", "listing", "deep"].map(String::from);
+    let all = [
+        "noop",
+        "rate",
+        "fsync",
+        "processes",
+        "memory",
+        "listing",
+        "deep",
+    ]
+    .map(String::from);
     let modes = if modes.is_empty() { &all[..] } else { modes };
     for mode in modes {
         eprintln!("\n==> load {mode}");

@@ -137,13 +137,27 @@ pub enum KillReason {
     NotOwned,
 }
 
+/// A job as one step of the core left it: its record, and where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAt {
+    pub record: Arc<Job>,
+    pub situation: Option<String>,
+    pub queue_position: Option<usize>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// `existing` is true when an idempotency key matched an earlier job.
+    /// `at` is the job as the step that answered left it (none for an
+    /// earlier job no longer in the core): the reply leaves once that step
+    /// is durable, so it is a durable state, and the answer needs no second
+    /// trip to the core.
     Submitted {
         job: JobId,
         existing: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<Box<JobAt>>,
     },
     Rejected {
         error: SubmitError,

@@ -13,7 +13,7 @@ use super::agents::{Agent, Agents, Link};
 use super::config::CoreConfig;
 use super::io::{
     AgentMsg, AttemptReport, CancelError, CloseReason, Effect, Event, EventKind, FinishedReport,
-    GoneReason, Input, KillReason, Reply, Requester, ToAgent,
+    GoneReason, Input, JobAt, KillReason, Reply, Requester, ToAgent,
 };
 use super::job::{Attempt, Job, Outcome, Phase, StopReason, Transition};
 use super::queue::FairQueue;
@@ -253,7 +253,40 @@ impl Core {
             }
         }
         self.schedule();
+        self.answer_where_jobs_stand();
         self.flush()
+    }
+
+    /// Fills in the job of every submit answered in this step as the step
+    /// leaves it.
+    fn answer_where_jobs_stand(&mut self) {
+        for i in 0..self.out.len() {
+            if let Effect::Reply {
+                reply: Reply::Submitted { job, at, .. },
+                ..
+            } = &self.out[i]
+            {
+                if at.is_some() {
+                    continue;
+                }
+                let id = *job;
+                let Some(live) = self.jobs.get(&id) else {
+                    continue;
+                };
+                let job_at = JobAt {
+                    record: live.job.clone(),
+                    situation: self.situation(id),
+                    queue_position: self.queue_position(id),
+                };
+                if let Effect::Reply {
+                    reply: Reply::Submitted { at, .. },
+                    ..
+                } = &mut self.out[i]
+                {
+                    *at = Some(Box::new(job_at));
+                }
+            }
+        }
     }
 
     // ---- submit and cancel -------------------------------------------------
@@ -269,7 +302,11 @@ impl Core {
             Ok((job, existing)) => {
                 self.out.push(Effect::Reply {
                     request,
-                    reply: Reply::Submitted { job, existing },
+                    reply: Reply::Submitted {
+                        job,
+                        existing,
+                        at: None,
+                    },
                 });
             }
             Err(error) => {

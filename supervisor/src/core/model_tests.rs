@@ -149,7 +149,7 @@ impl World {
             ..cmd(&["job"])
         };
         let before = self.h.log.len();
-        if let Reply::Submitted { job, existing } = self.h.try_submit(user, plan, spec) {
+        if let Reply::Submitted { job, existing, .. } = self.h.try_submit(user, plan, spec) {
             assert!(
                 existing || self.submitted.insert(job),
                 "job id {job} handed out twice"

@@ -255,6 +255,14 @@ impl Harness {
     }
 }
 
+/// A submit's answer as (job, existing), none if it was refused.
+pub fn answered(reply: Reply) -> Option<(JobId, bool)> {
+    match reply {
+        Reply::Submitted { job, existing, .. } => Some((job, existing)),
+        _ => None,
+    }
+}
+
 pub fn reply_to(effects: &[Effect], request: RequestId) -> Reply {
     effects
         .iter()

@@ -323,11 +323,8 @@ fn submit_a_repeated_idempotency_key_returns_the_first_job_until_the_window_ends
     };
     let first = h.submit("ana", "basic", spec.clone());
     assert_eq!(
-        h.try_submit("ana", "basic", spec.clone()),
-        Reply::Submitted {
-            job: first,
-            existing: true
-        }
+        answered(h.try_submit("ana", "basic", spec.clone())),
+        Some((first, true))
     );
     // Another user's identical key is their own.
     let bob = h.submit("bob", "basic", spec.clone());
@@ -335,17 +332,15 @@ fn submit_a_repeated_idempotency_key_returns_the_first_job_until_the_window_ends
     // Still the first job after it ended and left the core.
     h.cancel(first);
     assert_eq!(
-        h.try_submit("ana", "basic", spec.clone()),
-        Reply::Submitted {
-            job: first,
-            existing: true
-        }
+        answered(h.try_submit("ana", "basic", spec.clone())),
+        Some((first, true))
     );
     h.advance(h.core.config().idempotency_window_secs * 1000);
     match h.try_submit("ana", "basic", spec) {
         Reply::Submitted {
             job,
             existing: false,
+            ..
         } => assert!(job > bob),
         other => panic!("{other:?}"),
     }
@@ -391,11 +386,8 @@ fn submit_a_repeated_idempotency_key_with_a_different_request_is_a_conflict() {
     );
     // The same request is the first job, as always.
     assert_eq!(
-        copy.try_submit("ana", "basic", keyed(&["sim", "--a"])),
-        Reply::Submitted {
-            job: first,
-            existing: true
-        }
+        answered(copy.try_submit("ana", "basic", keyed(&["sim", "--a"]))),
+        Some((first, true))
     );
     assert!(h.core.situation(first).is_none(), "nothing new was queued");
 }
@@ -1654,8 +1646,10 @@ fn restore_after_a_crash_keeps_every_acknowledged_job() {
         ),
         Reply::Submitted {
             job: done,
-            existing: true
-        }
+            existing: true,
+            at: None,
+        },
+        "a job no longer in the core is answered by id alone"
     );
     let fresh = r.submit("fay", "basic", cmd(&["f"]));
     assert!(fresh.0 >= next);
@@ -1981,4 +1975,38 @@ fn job_states_parse_from_their_names_and_nothing_else() {
     for name in ["", "done", "queued ", "timed-out"] {
         assert_eq!(JobState::parse(name), None, "{name:?}");
     }
+}
+
+#[test]
+fn a_submit_is_answered_with_the_job_as_its_step_left_it() {
+    let mut h = Harness::new(basic_config());
+    h.connect("a1", 1);
+    // Dispatched in the same step as its submit: the answer says so.
+    let reply = h.try_submit("ana", "basic", cmd(&["first"]));
+    let Reply::Submitted {
+        job: first,
+        existing: false,
+        at: Some(at),
+    } = reply
+    else {
+        panic!("{reply:?}");
+    };
+    assert_eq!(at.record.id, first);
+    assert_eq!(at.record.state, JobState::Dispatched);
+    assert_eq!(at.queue_position, None);
+    assert_eq!(at.situation, h.core.situation(first));
+    // The only CPU is taken: the next waits, and its answer says where.
+    let reply = h.try_submit("ana", "basic", cmd(&["second"]));
+    let Reply::Submitted {
+        job: second,
+        at: Some(at),
+        ..
+    } = reply
+    else {
+        panic!("{reply:?}");
+    };
+    assert_eq!(at.record.state, JobState::Queued);
+    assert_eq!(at.queue_position, Some(1));
+    let situation = at.situation.expect("a queued job has a situation");
+    assert_eq!(Some(situation), h.core.situation(second));
 }

@@ -295,8 +295,17 @@ async fn submit(
     };
     state.core.input(input).await.map_err(ApiError::internal)?;
     match waiter.wait().await.map_err(ApiError::internal)? {
-        Reply::Submitted { job, existing } => {
-            let view = state.view(&user, job).await?;
+        Reply::Submitted { job, existing, at } => {
+            // The job as its submit left it, durable with it; an earlier
+            // job (same idempotency key) no longer live is read back.
+            let view = match at {
+                Some(at) => JobView {
+                    job: (*at.record).clone(),
+                    situation: at.situation,
+                    queue_position: at.queue_position,
+                },
+                None => state.view(&user, job).await?,
+            };
             let status = if existing {
                 StatusCode::OK
             } else {

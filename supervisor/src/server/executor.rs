@@ -1,27 +1,36 @@
 //! Carries out a batch of the core's effects in the order durability needs:
 //! every record of the batch is committed in one transaction first, and only
 //! then do messages, replies and events leave. A submission is acknowledged
-//! only once its job is durable.
+//! only once its job is durable. The commit runs off the async threads, in
+//! the actor's commit stage, while the core goes on deciding the next batch.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info};
 
 use crate::core::{Core, Effect, Event, Input, Job, Millis};
-use crate::shell::actor::Executor;
+use crate::seam;
+use crate::shell::actor::{Executor, Recorder};
 use crate::store::Store;
 
 use super::hub::{Hub, Outgoing};
 use super::journal::Journal;
 
 pub struct ServerExecutor {
-    pub store: Store,
+    /// Taken while a commit runs on a blocking thread, and put back.
+    pub store: Option<Store>,
     pub hub: Arc<Hub>,
-    pub journal: Option<Journal>,
     pub observer: Option<Arc<dyn Observer>>,
     /// Extra time each commit takes (see `ServerOptions::commit_delay_ms`).
     pub commit_delay_ms: u64,
+}
+
+/// What the actor tells as it decides: the journal, and the observer.
+pub struct ServerRecorder {
+    pub journal: Option<Journal>,
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 /// A passive tap on the core, for the simulator: it sees the core after
@@ -30,13 +39,18 @@ pub struct ServerExecutor {
 pub trait Observer: Send + Sync + std::fmt::Debug {
     /// The core just handled an input.
     fn handled(&self, core: &Core);
-    /// An event of a committed batch, in order.
+    /// The batch decided so far (up to the core as last handled) is handed
+    /// to the commit stage.
+    fn sealed(&self) {}
+    /// An event of a batch just made durable, in order (before any of the
+    /// batch's messages or replies leave).
     fn event(&self, event: &Event);
-    /// A batch is committed and sent: the core as last handled is durable.
+    /// The oldest sealed batch is durable (its events were just told): the
+    /// core as it was when that batch was sealed is what a restart restores.
     fn committed(&self) {}
 }
 
-impl Executor for ServerExecutor {
+impl Recorder for ServerRecorder {
     fn record(&mut self, now: Millis, input: &Input, core: &Core) {
         if let Some(journal) = &mut self.journal {
             journal.record(now, input, core);
@@ -49,28 +63,73 @@ impl Executor for ServerExecutor {
         }
     }
 
-    async fn execute(&mut self, effects: Vec<Effect>) {
+    fn sealed(&mut self) {
+        // The journal holds a batch's inputs before its records commit.
         if let Some(journal) = &mut self.journal {
             journal.flush();
         }
-        let records: Vec<Arc<Job>> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Persist { job } => Some(job.clone()),
-                _ => None,
-            })
-            .collect();
+        if let Some(observer) = &self.observer {
+            observer.sealed();
+        }
+    }
+}
+
+/// The batch's records, each job once, as it was last (a batch that grew
+/// while the previous one committed may hold a job several times).
+fn latest_records(effects: &[Effect]) -> Vec<Arc<Job>> {
+    let mut seen = BTreeSet::new();
+    let mut records: Vec<Arc<Job>> = effects
+        .iter()
+        .rev()
+        .filter_map(|e| match e {
+            Effect::Persist { job } if seen.insert(job.id) => Some(job.clone()),
+            _ => None,
+        })
+        .collect();
+    records.reverse();
+    records
+}
+
+impl Executor for ServerExecutor {
+    async fn execute(&mut self, effects: Vec<Effect>) {
+        let records = latest_records(&effects);
         // A slow commit: a crash in the first half loses the batch (it was
         // never durable), one in the second keeps it with nothing sent.
         let before_ms = self.commit_delay_ms / 2;
         if !records.is_empty() && before_ms > 0 {
             tokio::time::sleep(Duration::from_millis(before_ms)).await;
         }
-        if let Err(e) = self.store.commit(&records) {
-            // Nothing of this batch has been acknowledged. Stopping here keeps
-            // that true; a restart restores from the last commit.
-            error!(error = %e, "store commit failed; stopping the supervisor");
-            panic!("store commit failed: {e}");
+        if !records.is_empty() {
+            let mut store = self
+                .store
+                .take()
+                .expect("the store is back after every commit");
+            let (store, committed) = {
+                let records = records.clone();
+                seam::blocking(move || {
+                    let committed = store.commit(&records);
+                    (store, committed)
+                })
+                .await
+            };
+            self.store = Some(store);
+            if let Err(e) = committed {
+                // Nothing of this batch has been acknowledged. Stopping here
+                // keeps that true; a restart restores from the last commit.
+                error!(error = %e, "store commit failed; stopping the supervisor");
+                panic!("store commit failed: {e}");
+            }
+        }
+        // Durable now: the observer (the simulator's oracle) hears the
+        // batch's events and that it is committed at this instant, before
+        // anything leaves. A crash from here on restores all of it.
+        if let Some(observer) = &self.observer {
+            for effect in &effects {
+                if let Effect::Event(event) = effect {
+                    observer.event(event);
+                }
+            }
+            observer.committed();
         }
         let after_ms = self.commit_delay_ms - before_ms;
         if !records.is_empty() && after_ms > 0 {
@@ -96,16 +155,8 @@ impl Executor for ServerExecutor {
                     self.hub.send(conn, Outgoing::Close(reason));
                 }
                 Effect::Reply { request, reply } => self.hub.reply(request, reply),
-                Effect::Event(event) => {
-                    log_event(&event);
-                    if let Some(observer) = &self.observer {
-                        observer.event(&event);
-                    }
-                }
+                Effect::Event(event) => log_event(&event),
             }
-        }
-        if let Some(observer) = &self.observer {
-            observer.committed();
         }
     }
 }

@@ -207,6 +207,7 @@ mod tests {
         let reply = Reply::Submitted {
             job: JobId(7),
             existing: true,
+            at: None,
         };
         hub.reply(request, reply.clone());
         let got = futures_util::FutureExt::now_or_never(kept.wait())
