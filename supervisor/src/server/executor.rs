@@ -74,8 +74,9 @@ impl Recorder for ServerRecorder {
     }
 }
 
-/// The batch's records, each job once, as it was last (a batch that grew
-/// while the previous one committed may hold a job several times).
+/// The batch's records to commit, each job once, as it was last (a batch
+/// that grew while the previous one committed may hold a job several
+/// times).
 fn latest_records(effects: &[Effect]) -> Vec<Arc<Job>> {
     let mut seen = BTreeSet::new();
     let mut records: Vec<Arc<Job>> = effects
@@ -135,12 +136,11 @@ impl Executor for ServerExecutor {
         if !records.is_empty() && after_ms > 0 {
             tokio::time::sleep(Duration::from_millis(after_ms)).await;
         }
-        for record in &records {
-            self.hub.published(record);
-        }
         for effect in effects {
             match effect {
-                Effect::Persist { .. } => {}
+                // Every step's record, in order: event streams see each
+                // transition, though the commit wrote each job once.
+                Effect::Persist { job } => self.hub.published(&job),
                 Effect::Send { agent, conn, msg } => {
                     if !self.hub.send(conn, Outgoing::Msg(msg.into())) {
                         info!(agent.id = %agent, conn = conn.0, "message for a closed connection dropped");

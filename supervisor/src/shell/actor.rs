@@ -170,6 +170,10 @@ async fn run(
     let mut in_flight = false;
     let mut open = true;
     loop {
+        if !in_flight && pending.is_empty() {
+            // Inputs that changed nothing need no commit: nothing to wait for.
+            pending.inputs = 0;
+        }
         if !in_flight && !pending.is_empty() {
             recorder.sealed();
             debug!(
@@ -186,7 +190,8 @@ async fn run(
             break;
         }
         let deadline = core.next_deadline().filter(|_| open);
-        let full = pending.inputs >= PENDING_INPUTS_MAX;
+        // Only a commit in flight holds inputs back (and it always ends).
+        let full = in_flight && pending.inputs >= PENDING_INPUTS_MAX;
         crate::select! {
             done = done_rx.recv(), if in_flight => match done {
                 Some(()) => in_flight = false,
@@ -422,6 +427,32 @@ mod tests {
             vec![2, 3],
             "decided during the first commit, committed together"
         );
+    }
+
+    #[tokio::test]
+    async fn inputs_that_change_nothing_never_stall_the_actor() {
+        let (tx, _batches) = mpsc::unbounded_channel();
+        let (handle, _task) = spawn(Core::new(CoreConfig::default()), (), tx, 64);
+        // More than a commit's worth of inputs with no effects (a departure
+        // of a connection the core never knew), with nothing to commit.
+        for n in 0..(PENDING_INPUTS_MAX as u64 + 100) {
+            handle
+                .input(Input::AgentGone {
+                    conn: ConnId(1_000_000 + n),
+                    agent: AgentId::new("nobody"),
+                    reason: crate::core::GoneReason::Closed,
+                })
+                .await
+                .unwrap();
+        }
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            handle.query(|core| core.jobs().count()),
+        )
+        .await
+        .expect("the actor still answers")
+        .unwrap();
+        assert_eq!(answer, 0);
     }
 
     #[tokio::test]
