@@ -94,25 +94,23 @@ fn latest_records(effects: &[Effect]) -> Vec<Arc<Job>> {
 impl Executor for ServerExecutor {
     async fn execute(&mut self, effects: Vec<Effect>) {
         let records = latest_records(&effects);
+        let writes = !records.is_empty();
         // A slow commit: a crash in the first half loses the batch (it was
         // never durable), one in the second keeps it with nothing sent.
         let before_ms = self.commit_delay_ms / 2;
-        if !records.is_empty() && before_ms > 0 {
+        if writes && before_ms > 0 {
             tokio::time::sleep(Duration::from_millis(before_ms)).await;
         }
-        if !records.is_empty() {
+        if writes {
             let mut store = self
                 .store
                 .take()
                 .expect("the store is back after every commit");
-            let (store, committed) = {
-                let records = records.clone();
-                seam::blocking(move || {
-                    let committed = store.commit(&records);
-                    (store, committed)
-                })
-                .await
-            };
+            let (store, committed) = seam::blocking(move || {
+                let committed = store.commit(&records);
+                (store, committed)
+            })
+            .await;
             self.store = Some(store);
             if let Err(e) = committed {
                 // Nothing of this batch has been acknowledged. Stopping here
@@ -133,7 +131,7 @@ impl Executor for ServerExecutor {
             observer.committed();
         }
         let after_ms = self.commit_delay_ms - before_ms;
-        if !records.is_empty() && after_ms > 0 {
+        if writes && after_ms > 0 {
             tokio::time::sleep(Duration::from_millis(after_ms)).await;
         }
         for effect in effects {
