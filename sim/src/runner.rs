@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foreman::agent::runner::{
-    kept_result, kept_result_key, tail_of, RunControl, RunFuture, RunOrder, Runner,
-};
+use foreman::agent::outbox::{kept_result, kept_result_key};
+use foreman::agent::runner::{tail_of, RunControl, RunFuture, RunOrder, Runner};
 use foreman::core::{FinishedReport, JobId, Outcome};
 
 use crate::scenario::JobPlan;

@@ -170,6 +170,43 @@ fn start_server_with(
     }
 }
 
+/// CPU time of process `pid` in clock ticks: (its own, its waited-for
+/// children's), from `/proc/PID/stat` (utime + stime, cutime + cstime).
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let field = |n: usize| -> u64 {
+        rest.split_whitespace()
+            .nth(n)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // utime is field 14 of the line, the 12th after the name and state.
+    (field(11) + field(12), field(13) + field(14))
+}
+
+fn ticks_per_second() -> f64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        _ => 100.0,
+    }
+}
+
+/// CPU time in ticks of the supervisor, its agents (their own), and the
+/// jobs the agents ran (their waited-for children).
+fn cpu_split(server: &Server) -> [u64; 3] {
+    let (supervisor, _) = cpu_ticks(server.child.id());
+    let runs = server.dir.path().join("runs").display().to_string();
+    let mut split = [supervisor, 0, 0];
+    for pid in pids_with(&runs) {
+        let (own, children) = cpu_ticks(pid);
+        split[1] += own;
+        split[2] += children;
+    }
+    split
+}
+
 fn rss_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -324,6 +361,58 @@ async fn latencies(client: &Client) -> (Vec<u64>, Vec<u64>, usize) {
         pct(&stages[1], 0.99)
     );
     (to_running, to_done, done)
+}
+
+/// Where one CPU's time goes between two jobs, as means (µs) over every
+/// attempt, from the records (the supervisor's millisecond clock, so only
+/// means over thousands say much): dispatched → started (the decision's
+/// commit, the order's trip, the run dir, the spawn, the report's trip),
+/// started → ended (the process as the supervisor sees it), the process's
+/// own run time as its agent measured it, and ended → the agent's next
+/// dispatch.
+async fn cycle(client: &Client) -> String {
+    let mut by_agent: BTreeMap<String, Vec<foreman::core::Attempt>> = BTreeMap::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let query = match before {
+            Some(b) => format!("limit=1000&before={b}"),
+            None => "limit=1000".to_string(),
+        };
+        let page: Vec<Job> = client.jobs(&query).await.expect("list");
+        let Some(last) = page.last() else { break };
+        before = Some(last.id.0);
+        for job in page {
+            for attempt in job.attempts {
+                by_agent
+                    .entry(attempt.agent.to_string())
+                    .or_default()
+                    .push(attempt);
+            }
+        }
+    }
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 * 1000.0 / v.len().max(1) as f64;
+    let (mut to_start, mut to_end, mut run, mut gap) = (vec![], vec![], vec![], vec![]);
+    for attempts in by_agent.values_mut() {
+        attempts.sort_by_key(|a| (a.dispatched_at, a.number));
+        for (i, a) in attempts.iter().enumerate() {
+            let (Some(started), Some(ended)) = (a.started_at, a.ended_at) else {
+                continue;
+            };
+            to_start.push(started.ms_since(a.dispatched_at));
+            to_end.push(ended.ms_since(started));
+            run.extend(a.run_ms);
+            if let Some(next) = attempts.get(i + 1) {
+                gap.push(next.dispatched_at.ms_since(ended));
+            }
+        }
+    }
+    format!(
+        "per CPU, means: dispatched->started {:.0} µs, started->ended {:.0} µs (the process's own run {:.0} µs), ended->next dispatched {:.0} µs",
+        mean(&to_start),
+        mean(&to_end),
+        mean(&run),
+        mean(&gap)
+    )
 }
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -571,8 +660,11 @@ async fn processes(bin: PathBuf) {
     let server = start_server(&bin, concurrency, None);
     let admin = Client::new(server.api.clone(), server.token.clone());
     wait_agents(&admin, concurrency as usize).await;
-    let (acked, secs) = closed_loop(&server, 16, 2_000, SubmitSpec::command(["true"])).await;
+    let total = 6_000;
+    let before = cpu_split(&server);
+    let (acked, secs) = closed_loop(&server, 16, total, SubmitSpec::command(["true"])).await;
     let drain_secs = drain(&admin, acked).await;
+    let after = cpu_split(&server);
     let (_, to_done, done) = latencies(&admin).await;
     let rate = done as f64 / (secs + drain_secs);
     println!(
@@ -582,6 +674,18 @@ async fn processes(bin: PathBuf) {
         pct(&to_done, 0.5),
         pct(&to_done, 0.99),
     );
+    // Clock ticks are coarse (10 ms at the usual 100 per second): over
+    // thousands of jobs, per-job figures are good to a few µs.
+    let tick_us = 1e6 / ticks_per_second();
+    let per_job = |i: usize| (after[i] - before[i]) as f64 * tick_us / done.max(1) as f64;
+    println!(
+        "CPU per job: supervisor {:.0} µs, agents {:.0} µs, the job itself {:.0} µs (wall time per job on {concurrency} CPUs: {:.0} µs)",
+        per_job(0),
+        per_job(1),
+        per_job(2),
+        1e6 * f64::from(concurrency) / rate,
+    );
+    println!("{}", cycle(&admin).await);
 }
 
 async fn memory(bin: PathBuf) {

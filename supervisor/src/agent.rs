@@ -6,6 +6,7 @@
 //! runner) across the agent's own crash. Reconnects back off
 //! exponentially with jitter, within bounds.
 
+pub mod outbox;
 pub mod retention;
 pub mod runner;
 

@@ -356,10 +356,15 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The supervisor uses every core. Everything else runs on one thread:
+    // an agent's work per job is small, and a single-threaded agent forks
+    // its jobs without stopping other CPUs to flush their TLBs, and hands
+    // a job's report from task to task without waking another thread.
+    let mut builder = match cli.command {
+        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("foreman: cannot start the runtime: {e}");
@@ -901,7 +906,8 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         tls: supervisor.tls,
     };
     let defaults = Retention::default();
-    let outbox_dir = options.work_dir.join("outbox");
+    let outbox = foreman::agent::outbox::Outbox::open(&options.work_dir)
+        .map_err(|e| format!("work dir {}: {e}", options.work_dir.display()))?;
     let default_run_as = args.run_jobs_as.or_else(|| {
         nix::unistd::geteuid()
             .is_root()
@@ -909,7 +915,11 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
     });
     let runner = ProcessRunner {
         groups: Some(Arc::new(groups)),
-        outbox_dir: Some(outbox_dir),
+        outbox: Some(Arc::new(outbox)),
+        spares: Some(
+            foreman::agent::runner::SpareDirs::new(&options.work_dir)
+                .map_err(|e| format!("work dir {}: {e}", options.work_dir.display()))?,
+        ),
         default_run_as,
         retention: Retention {
             keep_hours: args.keep_run_dirs_hours.unwrap_or(defaults.keep_hours),

@@ -111,10 +111,10 @@ async fn lifecycle_a_result_outlives_its_agents_crash() {
     // The supervisor dies; the job ends meanwhile, its result unacknowledged;
     // then the agent dies too.
     sup.kill_9();
-    let outbox = sup.path().join("runs").join("local-0").join("outbox");
-    let kept = outbox.join(format!("{}-1.json", job.0));
+    let outbox = sup.path().join("runs").join("local-0").join("outbox.log");
+    let kept = || kept_in(&outbox, &format!("{} 1", job.0));
     wait_for("the result kept on disk", BOUND, || async {
-        kept.exists().then_some(())
+        kept().then_some(())
     })
     .await;
     for pid in sup.agent_pids("local-0") {
@@ -138,7 +138,22 @@ async fn lifecycle_a_result_outlives_its_agents_crash() {
     wait_for(
         "the kept result dropped once acknowledged",
         BOUND,
-        || async { (!kept.exists()).then_some(()) },
+        || async { (!kept()).then_some(()) },
     )
     .await;
+}
+
+/// Whether the agent's outbox log at `path` holds a result for `key`
+/// ("<job> <attempt>") kept and not yet dropped.
+fn kept_in(path: &std::path::Path, key: &str) -> bool {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let mut kept = false;
+    for line in log.lines() {
+        if line.starts_with(&format!("keep {key} ")) {
+            kept = true;
+        } else if line == format!("drop {key}") {
+            kept = false;
+        }
+    }
+    kept
 }

@@ -2,13 +2,14 @@
 //! that starts the command as a process in its own process group.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::outbox::{AppendLog, Outbox};
 use super::retention::{Retention, RunDirs};
 use crate::core::{FinishedReport, JobId, JobSpec, Outcome};
 
@@ -161,30 +162,6 @@ pub fn create_dir_with_mode(dir: &std::path::Path, mode: u32) -> std::io::Result
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
-/// The largest kept result file read back (a report is a tail and a few
-/// fields: far below this).
-pub const KEPT_RESULT_BYTES_MAX: u64 = 1024 * 1024;
-
-/// A kept result's file name, `<job>-<attempt>.json`, read back.
-pub fn kept_result_key(name: &str) -> Option<(JobId, u32)> {
-    let (job, attempt) = name.strip_suffix(".json")?.split_once('-')?;
-    let job: u64 = job.parse().ok()?;
-    let attempt: u32 = attempt.parse().ok()?;
-    (job > 0 && attempt > 0 && format!("{job}-{attempt}.json") == name)
-        .then_some((JobId(job), attempt))
-}
-
-/// A kept result's file, read back: the report it holds, or why not.
-pub fn kept_result(bytes: &[u8]) -> Result<FinishedReport, String> {
-    if bytes.len() as u64 > KEPT_RESULT_BYTES_MAX {
-        return Err(format!(
-            "{} bytes; at most {KEPT_RESULT_BYTES_MAX}",
-            bytes.len()
-        ));
-    }
-    serde_json::from_slice(bytes).map_err(|e| e.to_string())
-}
-
 /// Runs commands as real processes: in the attempt's run dir (or the job's
 /// `cwd`), with stdout and stderr into `output` there, in a process group of
 /// their own so that a kill reaches every child and grandchild.
@@ -199,8 +176,10 @@ pub struct ProcessRunner {
     /// How long and how much of finished runs' dirs are kept.
     pub retention: Retention,
     pub run_dirs: Arc<RunDirs>,
-    /// Where unacknowledged results are kept, a file each (`None`: not kept).
-    pub outbox_dir: Option<PathBuf>,
+    /// Where unacknowledged results are kept (`None`: not kept).
+    pub outbox: Option<Arc<Outbox>>,
+    /// Run dirs made ahead (`None`: each made when its run starts).
+    pub spares: Option<Arc<SpareDirs>>,
     /// The operating-system user a job with no `run_as` of its own runs as
     /// (`None`: the agent's own user).
     pub default_run_as: Option<String>,
@@ -214,7 +193,8 @@ impl Default for ProcessRunner {
             groups: None,
             retention: Retention::default(),
             run_dirs: Arc::default(),
-            outbox_dir: None,
+            outbox: None,
+            spares: None,
             default_run_as: None,
         }
     }
@@ -225,69 +205,20 @@ impl Runner for ProcessRunner {
         self.kill_grace_ms
     }
 
-    /// Written whole to a temporary name, then renamed: a crash leaves the
-    /// old file or the new one, never half of one. Not fsynced: it survives
-    /// the agent's crash, not the host's power loss.
     fn keep_result(&self, job: JobId, attempt: u32, report: &FinishedReport) {
-        let Some(dir) = &self.outbox_dir else { return };
-        let path = dir.join(format!("{job}-{attempt}.json"));
-        let temporary = dir.join(format!(".{job}-{attempt}.json.new"));
-        // The agent's own: results hold other users' output.
-        let written = create_dir_with_mode(dir, 0o700)
-            .and_then(|()| {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .open(&temporary)?;
-                file.write_all(&serde_json::to_vec(report)?)
-            })
-            .and_then(|()| std::fs::rename(&temporary, &path));
-        if let Err(e) = written {
-            tracing::warn!(path = %path.display(), error = %e, "result cannot be kept on disk");
+        if let Some(outbox) = &self.outbox {
+            outbox.keep(job, attempt, report);
         }
     }
 
     fn drop_result(&self, job: JobId, attempt: u32) {
-        let Some(dir) = &self.outbox_dir else { return };
-        let _ = std::fs::remove_file(dir.join(format!("{job}-{attempt}.json")));
+        if let Some(outbox) = &self.outbox {
+            outbox.drop_result(job, attempt);
+        }
     }
 
-    /// Files that are not kept results, or cannot be read as one, are
-    /// named in the log and moved aside (`.bad`), never trusted.
     fn kept_results(&self) -> Vec<(JobId, u32, FinishedReport)> {
-        let Some(dir) = &self.outbox_dir else {
-            return Vec::new();
-        };
-        let mut kept = Vec::new();
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.ends_with(".bad") {
-                continue;
-            }
-            let read = kept_result_key(&name).ok_or_else(|| "not <job>-<attempt>.json".to_string());
-            let read = read.and_then(|key| {
-                let size = entry.metadata().map_err(|e| e.to_string())?.len();
-                if size > KEPT_RESULT_BYTES_MAX {
-                    return Err(format!("{size} bytes; at most {KEPT_RESULT_BYTES_MAX}"));
-                }
-                let bytes = std::fs::read(entry.path()).map_err(|e| e.to_string())?;
-                Ok((key, kept_result(&bytes)?))
-            });
-            match read {
-                Ok(((job, attempt), report)) => kept.push((job, attempt, report)),
-                Err(why) => {
-                    tracing::warn!(file = %entry.path().display(), %why, "not a kept result; moved aside");
-                    let _ = std::fs::rename(entry.path(), dir.join(format!("{name}.bad")));
-                }
-            }
-        }
-        kept.sort_by_key(|(job, attempt, _)| (*job, *attempt));
-        kept
+        self.outbox.as_ref().map_or_else(Vec::new, |o| o.kept())
     }
 
     fn run(&self, order: RunOrder, control: RunControl) -> RunFuture {
@@ -311,26 +242,14 @@ impl ProcessRunner {
             let retention = self.retention.clone();
             tokio::spawn(async move { dirs.maybe_sweep(&work_dir, &retention, began).await });
         }
-        if let Err(e) = std::fs::create_dir_all(&order.run_dir) {
-            return spawn_failed(format!("run dir {}: {e}", order.run_dir.display()));
-        }
+        let spare = self.spares.as_ref().and_then(|s| s.take(&order.run_dir));
         let output_path = order.run_dir.join("output");
-        // A fresh file, never one a job left there (a symlink to a secret
-        // would be written through, and read back into the tail as root).
-        let _ = std::fs::remove_file(&output_path);
-        let created = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .read(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&output_path)
-        };
-        let output = match created {
-            Ok(file) => file,
-            Err(e) => return spawn_failed(format!("{}: {e}", output_path.display())),
+        let output = match spare {
+            Some(output) => output,
+            None => match fresh_run_dir(&order.run_dir, &output_path) {
+                Ok(output) => output,
+                Err(why) => return spawn_failed(why),
+            },
         };
         // The tail is read from this handle, never by path again: whatever
         // the job does to its run dir, the tail is what it printed.
@@ -394,6 +313,9 @@ impl ProcessRunner {
             groups.started(&name, pid);
         }
         let _ = control.started.send(());
+        if let Some(spares) = self.spares.clone().filter(|s| s.wanted()) {
+            tokio::spawn(crate::seam::blocking(move || spares.replenish()));
+        }
         let mut kill = control.kill;
         let (status, killed) = crate::select! {
             status = child.wait() => (status, false),
@@ -436,6 +358,124 @@ impl ProcessRunner {
     }
 }
 
+/// Makes `run_dir` (if it is not there) with a fresh, empty output file.
+fn fresh_run_dir(run_dir: &Path, output_path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(run_dir).map_err(|e| format!("run dir {}: {e}", run_dir.display()))?;
+    // A fresh file, never one a job left there (a symlink to a secret
+    // would be written through, and read back into the tail as root).
+    let _ = std::fs::remove_file(output_path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(output_path)
+        .map_err(|e| format!("{}: {e}", output_path.display()))
+}
+
+/// How many run dirs an agent keeps made ahead.
+const SPARE_DIRS: usize = 4;
+/// Where, in the work dir: not a run dir's name, so never swept.
+pub const SPARE_DIRS_DIR: &str = ".spare-run-dirs";
+
+/// Empty run dirs made ahead, each with its empty output file open, so that
+/// making them (two inodes: the slowest file system work of a short run) is
+/// off a run's critical path: a run takes one by renaming it into place,
+/// and another is made once the run has started.
+#[derive(Debug)]
+pub struct SpareDirs {
+    root: PathBuf,
+    spares: std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl SpareDirs {
+    /// Spares in `work_dir`; what an earlier agent left there is removed
+    /// (its open files went with it). Makes the first ones.
+    pub fn new(work_dir: &Path) -> std::io::Result<Arc<SpareDirs>> {
+        let root = work_dir.join(SPARE_DIRS_DIR);
+        match std::fs::remove_dir_all(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        create_dir_with_mode(&root, 0o700)?;
+        let spares = Arc::new(SpareDirs {
+            root,
+            spares: Default::default(),
+            next: Default::default(),
+        });
+        spares.replenish();
+        Ok(spares)
+    }
+
+    /// A spare renamed to `run_dir`, its output file's handle; `None` if
+    /// there is none, or `run_dir` is already there (a run dir is never
+    /// replaced: the caller makes it as it would have).
+    pub(crate) fn take(&self, run_dir: &Path) -> Option<std::fs::File> {
+        let (spare, output) = self.spares.lock().expect("spares lock").pop()?;
+        if let Err(e) = rename_no_replace(&spare, run_dir) {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                // Still a good spare for the next run.
+                self.spares
+                    .lock()
+                    .expect("spares lock")
+                    .push((spare, output));
+            } else {
+                tracing::warn!(spare = %spare.display(), error = %e, "a spare run dir cannot be used");
+                let _ = std::fs::remove_dir_all(&spare);
+            }
+            return None;
+        }
+        // Its age counts from its run, not from when it was made (the
+        // kernel's clock: the agent reads none of its own here).
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        let _ = nix::sys::stat::futimens(&output, &now, &now);
+        Some(output)
+    }
+
+    fn wanted(&self) -> bool {
+        self.spares.lock().expect("spares lock").len() < SPARE_DIRS
+    }
+
+    /// Makes spares until there are enough (file system work: call it off
+    /// the async threads).
+    pub fn replenish(&self) {
+        while self.wanted() {
+            let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let spare = self.root.join(n.to_string());
+            let made = std::fs::create_dir(&spare)
+                .map_err(|e| e.to_string())
+                .and_then(|()| fresh_run_dir(&spare, &spare.join("output")));
+            match made {
+                Ok(output) => self
+                    .spares
+                    .lock()
+                    .expect("spares lock")
+                    .push((spare, output)),
+                Err(why) => {
+                    tracing::warn!(spare = %spare.display(), %why, "a spare run dir cannot be made");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Renames `from` to `to`, failing (`AlreadyExists`) rather than replacing
+/// what is there.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// An append-only log, one per work dir, of the process groups this agent
 /// runs: "start <run> <pgid> <start time>" and "end <run>" lines. One file
 /// for every run: creating and deleting a marker per run costs more, in
@@ -443,7 +483,6 @@ impl ProcessRunner {
 /// entries when it grows past `GROUP_LOG_BYTES_MAX`.
 #[derive(Debug)]
 pub struct GroupLog {
-    path: PathBuf,
     state: std::sync::Mutex<GroupLogState>,
     /// The work dir's lock, held for as long as the log is.
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -451,9 +490,8 @@ pub struct GroupLog {
 
 #[derive(Debug)]
 struct GroupLogState {
-    file: std::fs::File,
+    log: AppendLog,
     live: std::collections::BTreeMap<String, (u32, u64)>,
-    bytes: u64,
 }
 
 pub const GROUP_LOG: &str = "process-groups.log";
@@ -486,15 +524,12 @@ impl GroupLog {
             })?;
         let path = work_dir.join(GROUP_LOG);
         let reaped = reap_orphans(&path);
-        let file = std::fs::File::create(&path)?;
         let state = GroupLogState {
-            file,
+            log: AppendLog::create(&path, "")?,
             live: Default::default(),
-            bytes: 0,
         };
         Ok((
             GroupLog {
-                path,
                 state: std::sync::Mutex::new(state),
                 _lock: lock,
             },
@@ -506,42 +541,20 @@ impl GroupLog {
         let started = start_time(pid).unwrap_or(0);
         let mut state = self.state.lock().expect("group log lock");
         state.live.insert(run.to_string(), (pid, started));
-        state.append(&format!("start {run} {pid} {started}\n"));
+        let _ = state.log.append(&format!("start {run} {pid} {started}\n"));
     }
 
     fn ended(&self, run: &str) {
         let mut state = self.state.lock().expect("group log lock");
         state.live.remove(run);
-        state.append(&format!("end {run}\n"));
-        if state.bytes > GROUP_LOG_BYTES_MAX {
-            state.compact(&self.path);
-        }
-    }
-}
-
-impl GroupLogState {
-    fn append(&mut self, line: &str) {
-        use std::io::Write;
-        if self.file.write_all(line.as_bytes()).is_ok() {
-            self.bytes += line.len() as u64;
-        }
-    }
-
-    /// Rewrites the log with only the live entries (write aside, rename over).
-    fn compact(&mut self, path: &std::path::Path) {
-        use std::io::Write;
-        let aside = path.with_extension("log.new");
-        let text: String = self
-            .live
-            .iter()
-            .map(|(run, (pid, t))| format!("start {run} {pid} {t}\n"))
-            .collect();
-        let written = std::fs::File::create(&aside)
-            .and_then(|mut f| f.write_all(text.as_bytes()).map(|()| f))
-            .and_then(|f| std::fs::rename(&aside, path).map(|()| f));
-        if let Ok(file) = written {
-            self.file = file;
-            self.bytes = text.len() as u64;
+        let _ = state.log.append(&format!("end {run}\n"));
+        if state.log.bytes() > GROUP_LOG_BYTES_MAX {
+            let text: String = state
+                .live
+                .iter()
+                .map(|(run, (pid, t))| format!("start {run} {pid} {t}\n"))
+                .collect();
+            let _ = state.log.rewrite(&text);
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::*;
+use crate::agent::outbox::{self, Outbox};
 use crate::core::{JobSpec, KillReason, StopReason};
 use crate::protocol::ping_payload;
 
@@ -462,7 +463,7 @@ fn a_result_kept_on_disk_outlives_the_agent_and_goes_once_acknowledged() {
     let work = tempfile::tempdir().unwrap();
     let disk = || {
         Arc::new(ProcessRunner {
-            outbox_dir: Some(work.path().join("outbox")),
+            outbox: Some(Arc::new(Outbox::open(work.path()).unwrap())),
             ..ProcessRunner::default()
         })
     };
@@ -490,9 +491,9 @@ fn a_result_kept_on_disk_outlives_the_agent_and_goes_once_acknowledged() {
 }
 
 #[test]
-fn kept_results_that_are_not_results_are_moved_aside_never_trusted() {
+fn results_an_earlier_version_kept_a_file_each_are_imported_and_the_rest_moved_aside() {
     let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("outbox");
+    let dir = work.path().join(outbox::OUTBOX_DIR);
     std::fs::create_dir_all(&dir).unwrap();
     let good = FinishedReport {
         outcome: Outcome::Exited { code: 3 },
@@ -508,7 +509,7 @@ fn kept_results_that_are_not_results_are_moved_aside_never_trusted() {
         ),
         (
             "8-1.json",
-            vec![b' '; (runner::KEPT_RESULT_BYTES_MAX + 1) as usize],
+            vec![b' '; (outbox::KEPT_RESULT_BYTES_MAX + 1) as usize],
         ),
         ("0-1.json", serde_json::to_vec(&good).unwrap()),
         ("9-01.json", serde_json::to_vec(&good).unwrap()),
@@ -522,19 +523,104 @@ fn kept_results_that_are_not_results_are_moved_aside_never_trusted() {
     }
     // A half-written one of a crash mid-write is a hidden temporary: skipped.
     std::fs::write(dir.join(".4-1.json.new"), b"{\"outc").unwrap();
-    let runner = ProcessRunner {
-        outbox_dir: Some(dir.clone()),
-        ..ProcessRunner::default()
-    };
-    assert_eq!(runner.kept_results(), vec![(JobId(5), 2, good)]);
+    let outbox = Outbox::open(work.path()).unwrap();
+    assert_eq!(outbox.kept(), vec![(JobId(5), 2, good.clone())]);
     for (name, _) in hostile.iter().filter(|(n, _)| !n.contains('/')) {
         assert!(
             dir.join(format!("{name}.bad")).exists(),
             "{name} moved aside"
         );
     }
-    assert_eq!(runner.kept_results().len(), 1, "the next read is the same");
-    assert_eq!(runner::kept_result_key("12-3.json"), Some((JobId(12), 3)));
+    assert!(!dir.join("5-2.json").exists(), "imported into the log");
+    drop(outbox);
+    let again = Outbox::open(work.path()).unwrap();
+    assert_eq!(
+        again.kept(),
+        vec![(JobId(5), 2, good)],
+        "the next read is the same"
+    );
+    assert_eq!(outbox::kept_result_key("12-3.json"), Some((JobId(12), 3)));
+}
+
+#[test]
+fn an_outbox_log_line_that_cannot_be_read_whole_is_never_trusted() {
+    let work = tempfile::tempdir().unwrap();
+    let report = |code| FinishedReport {
+        outcome: Outcome::Exited { code },
+        output_tail: "line one\nline two\n".into(),
+        run_ms: 5,
+    };
+    let json = |code| serde_json::to_string(&report(code)).unwrap();
+    let mut log = Vec::new();
+    for line in [
+        format!("keep 1 1 {}", json(1)),
+        format!("keep 2 1 {}", json(2)),
+        "drop 2 1".to_string(),
+        "keep 3 1 {not json".to_string(),
+        format!("keep 03 1 {}", json(3)),
+        format!("keep 4 0 {}", json(4)),
+        format!("keep 0 1 {}", json(4)),
+        format!("send 5 1 {}", json(5)),
+        "drop 1".to_string(),
+        "drop 9 1 extra".to_string(),
+        String::new(),
+        format!(
+            "keep 6 1 {}",
+            " ".repeat(outbox::KEPT_RESULT_BYTES_MAX as usize + 10)
+        ),
+        format!("keep 7 2 {}", json(7)),
+    ] {
+        log.extend_from_slice(line.as_bytes());
+        log.push(b'\n');
+    }
+    log.extend_from_slice(b"keep 8 1 \xff\xfe\n");
+    // Torn: the agent stopped mid-write.
+    log.extend_from_slice(format!("keep 9 1 {}", json(9)).as_bytes());
+    let path = work.path().join(outbox::OUTBOX_LOG);
+    std::fs::write(&path, &log).unwrap();
+    let outbox = Outbox::open(work.path()).unwrap();
+    assert_eq!(
+        outbox.kept(),
+        vec![(JobId(1), 1, report(1)), (JobId(7), 2, report(7))]
+    );
+    assert_eq!(
+        std::fs::read(path.with_extension("log.bad")).unwrap(),
+        log,
+        "kept aside as it was"
+    );
+    // The log now holds only what it trusts, and goes on from there.
+    outbox.keep(JobId(10), 1, &report(10));
+    outbox.drop_result(JobId(1), 1);
+    drop(outbox);
+    let again = Outbox::open(work.path()).unwrap();
+    assert_eq!(
+        again.kept(),
+        vec![(JobId(7), 2, report(7)), (JobId(10), 1, report(10))]
+    );
+}
+
+#[test]
+fn the_outbox_log_stays_small_however_many_results_pass_through_it() {
+    let work = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(work.path()).unwrap();
+    let report = FinishedReport {
+        outcome: Outcome::Exited { code: 0 },
+        output_tail: "x".repeat(2000),
+        run_ms: 1,
+    };
+    // One result waits throughout; 5,000 come and go (10 MB of lines).
+    outbox.keep(JobId(1), 1, &report);
+    for job in 2..5_002 {
+        outbox.keep(JobId(job), 1, &report);
+        outbox.drop_result(JobId(job), 1);
+    }
+    let bytes = std::fs::metadata(work.path().join(outbox::OUTBOX_LOG))
+        .unwrap()
+        .len();
+    assert!(bytes <= 2 * 1024 * 1024, "{bytes} bytes");
+    drop(outbox);
+    let again = Outbox::open(work.path()).unwrap();
+    assert_eq!(again.kept(), vec![(JobId(1), 1, report)]);
 }
 
 #[test]
@@ -577,4 +663,113 @@ fn a_directory_a_job_user_may_not_pass_through_is_found_by_its_bits() {
         "the owner's bits alone count for the owner"
     );
     set(0o755);
+}
+
+fn spare_names(work: &std::path::Path) -> Vec<String> {
+    names_in(&work.join(runner::SPARE_DIRS_DIR))
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+// (Runs of real processes through the spares are the end-to-end tests':
+// every job there starts in one.)
+#[test]
+fn a_run_takes_a_run_dir_made_ahead_and_another_is_made_in_its_place() {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+    let work = tempfile::tempdir().unwrap();
+    let spares = runner::SpareDirs::new(work.path()).unwrap();
+    let made = spare_names(work.path());
+    assert_eq!(made.len(), 4, "{made:?}");
+    let spare_root = work.path().join(runner::SPARE_DIRS_DIR);
+    let inode = |dir: &std::path::Path| std::fs::metadata(dir.join("output")).unwrap().ino();
+    let made_inodes: Vec<u64> = made.iter().map(|n| inode(&spare_root.join(n))).collect();
+    let run_dir = work.path().join("3-1");
+    let mut output = spares.take(&run_dir).expect("a spare");
+    // One of the spares, renamed into place, holding its output alone.
+    let taken = made_inodes.iter().position(|&i| i == inode(&run_dir));
+    assert!(taken.is_some(), "the run dir is a spare");
+    assert_eq!(names_in(&run_dir), ["output"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+    assert_eq!(mode(&run_dir.join("output")) & 0o777, 0o600);
+    // The handle is the file's: what the job writes is read back from it.
+    output.write_all(b"hello\n").unwrap();
+    output.rewind().unwrap();
+    let mut read = String::new();
+    output.read_to_string(&mut read).unwrap();
+    assert_eq!(read, "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("output")).unwrap(),
+        "hello\n"
+    );
+    // Its age counts from its run, not from when it was made.
+    let age = std::fs::metadata(run_dir.join("output"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        .elapsed();
+    // (an mtime a little ahead of this clock reads as an error: young too)
+    assert!(age.as_ref().map_or(true, |a| a.as_secs() < 60), "{age:?}");
+    let left = spare_names(work.path());
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(!left.contains(&made[taken.unwrap()]));
+    spares.replenish();
+    let now = spare_names(work.path());
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert!(now.iter().any(|n| !made.contains(n)), "a new one: {now:?}");
+}
+
+#[test]
+fn a_run_dir_already_there_is_used_as_it_is_and_the_spare_kept_for_the_next() {
+    let work = tempfile::tempdir().unwrap();
+    let spares = runner::SpareDirs::new(work.path()).unwrap();
+    let existing = work.path().join("4-1");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("left"), "from before").unwrap();
+    assert!(spares.take(&existing).is_none(), "never replaced");
+    assert_eq!(names_in(&existing), ["left"]);
+    assert_eq!(spare_names(work.path()).len(), 4, "the spare is kept");
+    // A spare that cannot be renamed (its parent is gone) is given up.
+    assert!(spares.take(&work.path().join("no/such/5-1")).is_none());
+    assert_eq!(spare_names(work.path()).len(), 3);
+}
+
+#[test]
+fn an_agent_starts_its_spare_run_dirs_afresh() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join(runner::SPARE_DIRS_DIR);
+    std::fs::create_dir_all(root.join("0")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("0/output")).unwrap();
+    std::fs::write(root.join("stray"), "x").unwrap();
+    runner::SpareDirs::new(work.path()).unwrap();
+    let names = spare_names(work.path());
+    assert_eq!(names, ["0", "1", "2", "3"]);
+    for name in names {
+        let output = std::fs::symlink_metadata(root.join(name).join("output")).unwrap();
+        assert!(output.is_file() && output.len() == 0);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the agent's own");
+    // Never swept as a run dir.
+    let swept = retention::sweep(
+        work.path(),
+        |_| false,
+        &retention::Retention {
+            keep_hours: 0,
+            max_mib: 0,
+        },
+        crate::core::Millis(u64::MAX / 2),
+    )
+    .unwrap();
+    assert_eq!(swept.removed, 0);
+    assert!(root.join("0").is_dir());
 }
