@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use foreman_sim::play::{run, RunResult, Verdict};
 use foreman_sim::scenario::Scenario;
+use foreman_sim::shrink::{shrink, size, Shrunk, Signature};
 use foreman_sim::trace::first_divergence;
 
 /// Exit code for bad usage or an unreadable scenario.
@@ -65,6 +66,28 @@ enum Command {
         /// Stops at the first failing seed (and says how long it took).
         #[arg(long)]
         first_failure: bool,
+        /// Saves failures as they are, unshrunk.
+        #[arg(long)]
+        no_shrink: bool,
+    },
+    /// Shrinks a failing scenario to a small one that fails the same way
+    /// (the same verdict, checker and jobs named): fewer jobs, faults,
+    /// agents and users, shorter runs and settle time, times pulled
+    /// together. Prints each step; writes the result as it goes, so that a
+    /// shrink cut short goes on from there when run again.
+    Shrink {
+        scenario: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the result goes (default: beside the input, NAME.shrunk.toml).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// At most this many candidate runs.
+        #[arg(long, default_value_t = 2_000)]
+        max_runs: usize,
+        /// At most this long, e.g. 90s, 10m, 1h.
+        #[arg(long, default_value = "10m")]
+        time: String,
     },
     /// Cancellation-point exploration: drops each path's future at its 1st,
     /// 2nd, … poll and checks nothing leaked.
@@ -128,9 +151,10 @@ pub fn main() -> i32 {
             quiet,
             recheck,
             first_failure,
+            no_shrink,
         } => {
             if let Some(seed) = seed {
-                return fuzz_one(seed, &out);
+                return fuzz_one(seed, &out, !no_shrink);
             }
             let time = match time.as_deref().map(parse_duration) {
                 Some(Ok(d)) => Some(d),
@@ -150,11 +174,33 @@ pub fn main() -> i32 {
                     jobs: jobs.max(1),
                     recheck,
                     first_failure,
+                    shrink: !no_shrink,
                 },
                 &out,
                 quiet,
             )
         }
+        Command::Shrink {
+            scenario,
+            seed,
+            out,
+            max_runs,
+            time,
+        } => match parse_duration(&time) {
+            Ok(time) => shrink_file(
+                &scenario,
+                seed,
+                out,
+                Budget {
+                    runs: max_runs,
+                    time,
+                },
+            ),
+            Err(e) => {
+                eprintln!("--time: {e}");
+                USAGE
+            }
+        },
     }
 }
 
@@ -281,13 +327,136 @@ fn run_scenarios(paths: &[PathBuf], seed: u64, trace: Option<&Path>, twice: bool
     worst as i32
 }
 
-/// Saves a failing seed's scenario and trace; returns the replay command.
-fn save_failure(out: &Path, result: &RunResult, scenario: &Scenario, summary: &str) -> String {
+/// A shrink's bound.
+struct Budget {
+    runs: usize,
+    time: Duration,
+}
+
+/// What a fuzz failure's automatic shrink may take, at most.
+const FUZZ_SHRINK: Budget = Budget {
+    runs: 300,
+    time: Duration::from_secs(300),
+};
+
+/// Shrinks `scenario`, which failed as `signature` on `seed`, within
+/// `budget`, writing each step to `out` as it is kept.
+fn shrink_run(
+    scenario: &Scenario,
+    signature: &Signature,
+    seed: u64,
+    budget: &Budget,
+    out: &Path,
+    quiet: bool,
+) -> Shrunk {
+    #[allow(clippy::disallowed_methods)] // the shrink's wall-clock bound, outside the simulation
+    let began = std::time::Instant::now();
+    let mut runs = 0;
+    let mut oracle = |candidate: &Scenario| {
+        if runs >= budget.runs || began.elapsed() >= budget.time {
+            return None;
+        }
+        runs += 1;
+        Some(run(candidate, seed).outcome())
+    };
+    let header = format!(
+        "# Shrunk on seed {seed}: fails as {signature}.\n# Replay: cargo xtask sim run {} --seed {seed}\n",
+        out.display()
+    );
+    let mut step = |what: &str, current: &Scenario| {
+        if !quiet {
+            println!("  {what}: {}", size(current));
+        }
+        if let Err(e) = std::fs::write(out, format!("{header}{}", current.to_toml())) {
+            eprintln!("{}: {e}", out.display());
+        }
+    };
+    shrink(scenario, signature, &mut oracle, &mut step)
+}
+
+fn shrink_file(path: &Path, seed: u64, out: Option<PathBuf>, budget: Budget) -> i32 {
+    let scenario = match Scenario::load(path) {
+        Ok(scenario) => scenario,
+        Err(e) => {
+            eprintln!("{e}");
+            return USAGE;
+        }
+    };
+    let out = out.unwrap_or_else(|| {
+        let stem = path
+            .file_stem()
+            .map_or("scenario".into(), |s| s.to_string_lossy());
+        let stem = stem.strip_suffix(".shrunk").unwrap_or(&stem);
+        path.with_file_name(format!("{stem}.shrunk.toml"))
+    });
+    let first = run(&scenario, seed);
+    let Some(signature) = Signature::of(&scenario, &first.outcome()) else {
+        eprintln!(
+            "{}: passes on seed {seed}; only a failing scenario shrinks",
+            path.display()
+        );
+        return USAGE;
+    };
+    println!("{}: {} ({})", path.display(), signature, size(&scenario));
+    // Where an earlier shrink of it stopped, if that still fails the same way.
+    let mut start = scenario.clone();
+    if out != path {
+        if let Ok(earlier) = Scenario::load(&out) {
+            if signature.matches(&earlier, &run(&earlier, seed).outcome()) {
+                println!("resuming from {} ({})", out.display(), size(&earlier));
+                start = earlier;
+            }
+        }
+    }
+    let shrunk = shrink_run(&start, &signature, seed, &budget, &out, false);
+    if shrunk.scenario == start && !out.exists() {
+        let _ = std::fs::write(&out, shrunk.scenario.to_toml());
+    }
+    println!(
+        "shrunk to {} in {} runs{}; written to {}",
+        size(&shrunk.scenario),
+        shrunk.runs,
+        if shrunk.cut_short {
+            " (the budget ran out: run it again to go on)"
+        } else {
+            ""
+        },
+        out.display()
+    );
+    println!(
+        "  replay: cargo xtask sim run {} --seed {seed}",
+        out.display()
+    );
+    0
+}
+
+/// Saves a failing seed's scenario and trace, the scenario shrunk first
+/// unless `shrink` is off (the original kept beside it); returns the
+/// replay command.
+fn save_failure(
+    out: &Path,
+    result: &RunResult,
+    scenario: &Scenario,
+    summary: &str,
+    shrink: bool,
+) -> String {
     let dir = out.join(format!("seed-{}", result.seed));
     let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::write(dir.join("scenario.toml"), scenario.to_toml());
+    let path = dir.join("scenario.toml");
+    let _ = std::fs::write(&path, scenario.to_toml());
     let _ = std::fs::write(dir.join("trace.jsonl"), result.trace_jsonl());
     let mut report = format!("{summary}\nverdict: {}\n", result.verdict().as_str());
+    let signature = Signature::of(scenario, &result.outcome()).filter(|_| shrink);
+    if let Some(signature) = signature {
+        let _ = std::fs::write(dir.join("original.toml"), scenario.to_toml());
+        let shrunk = shrink_run(scenario, &signature, result.seed, &FUZZ_SHRINK, &path, true);
+        report.push_str(&format!(
+            "shrunk: scenario.toml has {} ({} runs{}); original.toml is the seed's whole scenario\n",
+            size(&shrunk.scenario),
+            shrunk.runs,
+            if shrunk.cut_short { ", cut short" } else { "" }
+        ));
+    }
     if let Some(crash) = &result.crash {
         report.push_str(&format!("crash: {crash}\n"));
     }
@@ -302,7 +471,7 @@ fn save_failure(out: &Path, result: &RunResult, scenario: &Scenario, summary: &s
     )
 }
 
-fn fuzz_one(seed: u64, out: &Path) -> i32 {
+fn fuzz_one(seed: u64, out: &Path, shrink: bool) -> i32 {
     let (scenario, summary) = foreman_sim::swarm::scenario(seed);
     println!("{summary}");
     let result = run(&scenario, seed);
@@ -310,7 +479,7 @@ fn fuzz_one(seed: u64, out: &Path) -> i32 {
     if result.verdict() != Verdict::Pass {
         println!(
             "  saved: {}",
-            save_failure(out, &result, &scenario, &summary)
+            save_failure(out, &result, &scenario, &summary, shrink)
         );
     }
     result.verdict() as i32
@@ -323,6 +492,7 @@ struct Campaign {
     jobs: usize,
     recheck: u64,
     first_failure: bool,
+    shrink: bool,
 }
 
 fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
@@ -333,6 +503,7 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
         jobs,
         recheck,
         first_failure,
+        shrink,
     } = campaign;
     let total = seeds.unwrap_or(if time.is_some() { u64::MAX } else { 1_000 });
     let next = Arc::new(AtomicU64::new(0));
@@ -405,7 +576,9 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                     }
                 }
                 if verdict != Verdict::Pass {
-                    let replay = save_failure(&out, &result, &scenario, &summary);
+                    // (a run that did not repeat itself is saved as it is)
+                    let shrink = shrink && diverged.is_none();
+                    let replay = save_failure(&out, &result, &scenario, &summary, shrink);
                     let first = diverged
                         .or_else(|| result.crash.clone())
                         .or_else(|| result.violations.first().map(|v| v.to_string()))

@@ -10,6 +10,7 @@
 //! - `world`: the composer of a world and the driver of a scenario.
 //! - `journal`: the supervisor's journal, replayed after a run.
 //! - `play`: one scenario on one seed, on a fresh runtime and thread.
+//! - `shrink`: delta debugging of a failing scenario.
 
 pub mod checkers;
 #[cfg(madsim)]
@@ -21,6 +22,7 @@ pub mod rare;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod shrink;
 pub mod swarm;
 pub mod trace;
 #[cfg(madsim)]

@@ -83,6 +83,20 @@ impl RunResult {
         }
     }
 
+    /// How the run ended, as the shrinker judges it: the crash first, then
+    /// the violations in the order found.
+    pub fn outcome(&self) -> crate::shrink::Outcome {
+        let crash = self.crash.iter().map(|c| ("crash".to_string(), c.clone()));
+        let violations = self
+            .violations
+            .iter()
+            .map(|v| (v.checker.to_string(), v.message.clone()));
+        crate::shrink::Outcome {
+            verdict: self.verdict().as_str().to_string(),
+            violations: crash.chain(violations).collect(),
+        }
+    }
+
     /// The trace as JSON lines.
     pub fn trace_jsonl(&self) -> String {
         self.trace.iter().map(|e| format!("{e}\n")).collect()
