@@ -30,14 +30,30 @@ pub fn replayed(dir: &Path, committed: Option<CoreView>) -> Ev {
     for (i, path) in segments.iter().enumerate() {
         let newest = i + 1 == segments.len();
         let mut last = BTreeMap::new();
-        let replay = foreman::server::journal::replay(path, |_, _, effects| {
+        let mut differs = None;
+        let replay = foreman::server::journal::replay(path, |step| {
             inputs += 1;
-            for effect in effects {
+            // The same code decides the same on the same inputs: every
+            // step's digest is the one the supervisor recorded.
+            let today = foreman::server::journal::decisions_digest(&step.effects);
+            if differs.is_none() && step.recorded.as_deref() != Some(today.as_str()) {
+                differs = Some(format!(
+                    "line {}: the replay decides {today}, the supervisor recorded {:?}",
+                    step.line, step.recorded
+                ));
+            }
+            for effect in step.effects {
                 if let Effect::Persist { job } = effect {
                     last.insert(job.id.0, job.state);
                 }
             }
         });
+        if let Some(differs) = differs {
+            let name = path
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+            errors.push(format!("journal/{name} {differs}"));
+        }
         match replay {
             Ok(core) if newest => {
                 ended = last.into_iter().filter(|(_, s)| s.is_terminal()).collect();

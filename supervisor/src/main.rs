@@ -77,6 +77,11 @@ enum Command {
         /// Print every effect as JSON, one per line.
         #[arg(long)]
         json: bool,
+        /// Compare what today's scheduler decides at every step with what
+        /// the one that wrote the segment decided, and show the first step
+        /// that differs with the inputs around it (exit 1 if one does).
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
     },
     /// Manage accounts.
     User {
@@ -395,7 +400,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         } => jobs(state, user, limit, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Watch { id, client } => watch(id, client).await,
-        Command::Replay { file, json } => replay(file, json),
+        Command::Replay {
+            file, check: true, ..
+        } => replay_check(file),
+        Command::Replay { file, json, .. } => replay(file, json),
         Command::User {
             command:
                 UserCommand::Add {
@@ -934,6 +942,55 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn replay_check(file: PathBuf) -> Result<ExitCode, String> {
+    let check = foreman::server::journal::check(&file, 3)?;
+    if check.steps > 0 && check.unrecorded == check.steps {
+        return Err(format!(
+            "{}: its {} steps record no decisions (an earlier version wrote it): nothing to compare",
+            file.display(),
+            check.steps
+        ));
+    }
+    let Some(first) = check.first else {
+        println!(
+            "{}: today's scheduler decides as recorded at all {} steps{}",
+            file.display(),
+            check.steps - check.unrecorded,
+            if check.unrecorded > 0 {
+                format!(" ({} steps recorded nothing)", check.unrecorded)
+            } else {
+                String::new()
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    println!(
+        "{}:{}: at {} ms today's scheduler decides otherwise: digest {} today, {} recorded ({} of {} steps differ from there on)",
+        file.display(),
+        first.line,
+        first.at.0,
+        first.today,
+        first.recorded,
+        check.differing,
+        check.steps
+    );
+    println!("inputs around it:");
+    for (line, at, input) in &first.inputs {
+        let mark = if *line == first.line { ">" } else { " " };
+        println!("{mark} {line:>7} {:>13} {}", at.0, to_json(input));
+    }
+    println!("what today's scheduler decides there:");
+    for effect in &first.effects {
+        println!("  {}", to_json(effect));
+    }
+    Ok(ExitCode::from(1))
+}
+
+/// One line of JSON, for the check's report.
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| format!("(cannot show: {e})"))
+}
+
 fn client(args: &ClientArgs) -> Result<Client, String> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let endpoint = match &args.server {
@@ -1210,9 +1267,10 @@ fn user_add(
 
 fn replay(file: PathBuf, json: bool) -> Result<ExitCode, String> {
     let mut inputs = 0u64;
-    let core = foreman::server::journal::replay(&file, |at, _input, effects| {
+    let core = foreman::server::journal::replay(&file, |step| {
         inputs += 1;
-        for effect in effects {
+        let at = step.at;
+        for effect in step.effects {
             if json {
                 println!(
                     "{}",

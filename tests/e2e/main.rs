@@ -286,14 +286,25 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
     sup.kill_9();
     let journal = sup.path().join("journal").join("current.jsonl");
     let mut replayed: std::collections::BTreeMap<u64, String> = Default::default();
-    foreman::server::journal::replay(&journal, |_, _, effects| {
-        for effect in effects {
+    let mut steps = 0;
+    foreman::server::journal::replay(&journal, |step| {
+        steps += 1;
+        // Every step recorded what the core decided, and today's core,
+        // the same code, decides the same.
+        assert_eq!(
+            step.recorded.as_deref(),
+            Some(foreman::server::journal::decisions_digest(&step.effects).as_str()),
+            "line {}",
+            step.line
+        );
+        for effect in step.effects {
             if let foreman::core::Effect::Persist { job } = effect {
                 replayed.insert(job.id.0, job.state.to_string());
             }
         }
     })
     .expect("the journal replays");
+    assert!(steps > 0);
     for (id, state) in &stored {
         assert_eq!(
             replayed.get(id),
@@ -306,5 +317,32 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
     assert!(
         out.contains("Ended") && err.contains("replayed"),
         "{out}\n{err}"
+    );
+    // Today's scheduler decides as the one that wrote it did...
+    let (success, out, err) = sup.cli(&["replay", "--check", &journal.display().to_string()]);
+    assert!(success, "{out}\n{err}");
+    assert!(out.contains("decides as recorded at all"), "{out}");
+    // ...and where a step recorded other decisions (as if other code had
+    // made them), the check names its line and shows the inputs around it.
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let (n, _) = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("{\"decided\":"))
+        .nth(2)
+        .expect("three steps");
+    lines[n] = format!("{{\"decided\":\"{}\"}}", "f".repeat(32));
+    let other = sup.path().join("other.jsonl");
+    std::fs::write(&other, lines.join("\n") + "\n").unwrap();
+    let (success, out, _) = sup.cli(&["replay", "--check", &other.display().to_string()]);
+    assert!(!success, "{out}");
+    assert!(
+        out.contains(&format!("other.jsonl:{n}: at ")) && out.contains(&"f".repeat(32)),
+        "{out}"
+    );
+    assert!(
+        out.contains("inputs around it:") && out.contains(&format!("> {n:>7}")),
+        "{out}"
     );
 }

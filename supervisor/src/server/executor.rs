@@ -57,7 +57,10 @@ impl Recorder for ServerRecorder {
         }
     }
 
-    fn handled(&mut self, core: &Core) {
+    fn handled(&mut self, core: &Core, effects: &[Effect]) {
+        if let Some(journal) = &mut self.journal {
+            journal.decided(effects);
+        }
         if let Some(observer) = &self.observer {
             observer.handled(core);
         }

@@ -5,7 +5,12 @@
 //! Format, one JSON object per line:
 //! - `{"at": <ms>, "snapshot": <Snapshot>}`: the core's whole state; the
 //!   first line of every segment, so each segment replays on its own;
-//! - `{"at": <ms>, "input": <Input>}`: an input, in the order the core took it.
+//! - `{"at": <ms>, "input": <Input>}`: an input, in the order the core took it;
+//! - `{"decided": "<digest>"}`: after each input, a digest of what the core
+//!   decided on it (`decisions_digest`), so that a replay through other
+//!   code can say where it would decide differently (`foreman replay
+//!   --check`). Segments of an earlier version have none; they replay all
+//!   the same.
 //!
 //! The segment being written is `current.jsonl`. Once the inputs written
 //! since its snapshot are more than the size bound, and more than the
@@ -24,7 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::core::{Core, Input, Millis, Snapshot};
+use crate::core::{Core, Effect, Input, Millis, Snapshot};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -32,6 +37,41 @@ use crate::core::{Core, Input, Millis, Snapshot};
 pub enum Line {
     Snapshot { at: Millis, snapshot: Box<Snapshot> },
     Input { at: Millis, input: Input },
+    Decided { decided: String },
+}
+
+/// A digest of what the core decided in one step: SHA-256 of the JSON of
+/// its events (what happened to which job, attempt and agent, and why),
+/// messages to agents and connections closed, the first 16 bytes in hex.
+/// Records and replies are left out: they follow from those, and a change
+/// in how a record is written alone is not a different decision (and
+/// hashing them cost a tenth of the throughput).
+pub fn decisions_digest(effects: &[Effect]) -> String {
+    use sha2::{Digest, Sha256};
+    struct Hashing(Sha256);
+    impl Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(Sha256::new());
+    for effect in effects {
+        match effect {
+            Effect::Persist { .. } | Effect::Reply { .. } => {}
+            Effect::Event(_) | Effect::Send { .. } | Effect::Close { .. } => {
+                serde_json::to_writer(&mut hashing, effect).expect("effects serialize");
+                hashing.0.update(b"\n");
+            }
+        }
+    }
+    hashing.0.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub struct Journal {
@@ -159,6 +199,22 @@ impl Journal {
         Ok(())
     }
 
+    /// Records the digest of what the core decided on the input just
+    /// recorded.
+    pub fn decided(&mut self, effects: &[Effect]) {
+        let Some(writer) = &mut self.writer else {
+            return;
+        };
+        let line = format!("{{\"decided\":\"{}\"}}\n", decisions_digest(effects));
+        match writer.write_all(line.as_bytes()) {
+            Ok(()) => self.bytes += line.len() as u64,
+            Err(e) => {
+                warn!(error = %e, "journal cannot be written; journaling is off");
+                self.writer = None;
+            }
+        }
+    }
+
     /// Hands what is buffered to the operating system.
     pub fn flush(&mut self) {
         if let Some(writer) = &mut self.writer {
@@ -170,47 +226,141 @@ impl Journal {
     }
 }
 
+/// One step of a replay: an input as the journal holds it, the effects the
+/// core decides on it today, and the digest of what the core that wrote
+/// the journal decided (`None` in a segment of an earlier version).
+pub struct Step {
+    /// The step's line in the segment.
+    pub line: usize,
+    pub at: Millis,
+    pub input: Input,
+    pub effects: Vec<Effect>,
+    pub recorded: Option<String>,
+}
+
 /// Replays one journal segment through a fresh core: the snapshot, then
-/// every input. Calls `each` with every input's effects. An error names the
-/// line that could not be used.
-pub fn replay(
-    path: &Path,
-    mut each: impl FnMut(Millis, &Input, Vec<crate::core::Effect>),
-) -> Result<Core, String> {
+/// every input. Calls `each` with every step. An error names the line that
+/// could not be used.
+pub fn replay(path: &Path, mut each: impl FnMut(Step)) -> Result<Core, String> {
     use std::io::BufRead;
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut core: Option<Core> = None;
+    // The last input's step, until its digest (or the next input) is read.
+    let mut step: Option<Step> = None;
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let at_line = |e: &dyn std::fmt::Display| format!("{}:{}: {e}", path.display(), n + 1);
+        let line = line.map_err(|e| at_line(&e))?;
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: Line = serde_json::from_str(&line)
-            .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let parsed: Line = serde_json::from_str(&line).map_err(|e| at_line(&e))?;
         match parsed {
             Line::Snapshot { snapshot, .. } => {
                 if core.is_some() {
-                    return Err(format!(
-                        "{}:{}: a second snapshot in one segment",
-                        path.display(),
-                        n + 1
-                    ));
+                    return Err(at_line(&"a second snapshot in one segment"));
                 }
-                core = Some(
-                    Core::from_snapshot(*snapshot)
-                        .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?,
-                );
+                core = Some(Core::from_snapshot(*snapshot).map_err(|e| at_line(&e))?);
             }
             Line::Input { at, input } => {
-                let core = core.as_mut().ok_or_else(|| {
-                    format!("{}:{}: an input before the snapshot", path.display(), n + 1)
-                })?;
+                let core = core
+                    .as_mut()
+                    .ok_or_else(|| at_line(&"an input before the snapshot"))?;
+                if let Some(done) = step.take() {
+                    each(done);
+                }
                 let effects = core.handle(at, input.clone()).collect();
-                each(at, &input, effects);
+                step = Some(Step {
+                    line: n + 1,
+                    at,
+                    input,
+                    effects,
+                    recorded: None,
+                });
             }
+            Line::Decided { decided } => match step.as_mut() {
+                Some(step) if step.recorded.is_none() => step.recorded = Some(decided),
+                _ => return Err(at_line(&"a digest with no input before it")),
+            },
         }
     }
+    if let Some(done) = step.take() {
+        each(done);
+    }
     core.ok_or_else(|| format!("{}: no snapshot", path.display()))
+}
+
+/// Where a replay through today's core first decides otherwise than the
+/// core that wrote the segment.
+#[derive(Debug)]
+pub struct Divergence {
+    /// The step's line in the segment, its time, and both digests.
+    pub line: usize,
+    pub at: Millis,
+    pub recorded: String,
+    pub today: String,
+    /// What today's core decides there.
+    pub effects: Vec<Effect>,
+    /// The inputs around it (line, time, input): up to `around` before,
+    /// the step's own, up to `around` after.
+    pub inputs: Vec<(usize, Millis, Input)>,
+}
+
+/// A segment replayed against the decisions it recorded.
+#[derive(Debug, Default)]
+pub struct Check {
+    pub steps: usize,
+    /// Steps with no recorded digest (an earlier version's segment).
+    pub unrecorded: usize,
+    /// Steps whose decisions differ (after the first, the cores' states
+    /// may differ too: only the first says much).
+    pub differing: usize,
+    pub first: Option<Divergence>,
+}
+
+/// Replays `path` through today's core and compares every step's decisions
+/// with the digest recorded when it was written.
+pub fn check(path: &Path, around: usize) -> Result<Check, String> {
+    let mut check = Check::default();
+    let mut before: std::collections::VecDeque<(usize, Millis, Input)> = Default::default();
+    let mut after = 0;
+    replay(path, |step| {
+        check.steps += 1;
+        let today = decisions_digest(&step.effects);
+        let entry = (step.line, step.at, step.input);
+        match step.recorded {
+            None => check.unrecorded += 1,
+            Some(recorded) if recorded != today => {
+                check.differing += 1;
+                if check.first.is_none() {
+                    let mut inputs: Vec<_> = before.drain(..).collect();
+                    inputs.push(entry.clone());
+                    check.first = Some(Divergence {
+                        line: step.line,
+                        at: step.at,
+                        recorded,
+                        today,
+                        effects: step.effects,
+                        inputs,
+                    });
+                    after = around;
+                    return;
+                }
+            }
+            Some(_) => {}
+        }
+        if after > 0 {
+            after -= 1;
+            if let Some(first) = &mut check.first {
+                first.inputs.push(entry);
+            }
+        } else if check.first.is_none() && around > 0 {
+            if before.len() == around {
+                before.pop_front();
+            }
+            before.push_back(entry);
+        }
+    })?;
+    Ok(check)
 }
 
 #[cfg(test)]
@@ -247,15 +397,73 @@ mod tests {
             "old segments beyond the bound are deleted"
         );
         // The newest segment replays to exactly the live core's state.
-        let replayed = replay(&journal.current(), |_, _, _| {}).unwrap();
+        let replayed = replay(&journal.current(), |_| {}).unwrap();
         assert_eq!(replayed.snapshot(), core.snapshot());
         for (_, path) in segments {
             assert!(
-                replay(&path, |_, _, _| {}).is_ok(),
+                replay(&path, |_| {}).is_ok(),
                 "{} replays on its own",
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn journal_records_each_steps_decisions_and_a_check_finds_the_first_that_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1_000_000, 2).unwrap();
+        let mut core = Core::new(CoreConfig::default());
+        for i in 0..10u64 {
+            let input = Input::Submit {
+                request: RequestId(i),
+                user: "ana".into(),
+                plan: "basic".into(),
+                spec: SubmitSpec::command(["echo", "hi"]),
+            };
+            journal.record(Millis(1_000 + i), &input, &core);
+            let effects: Vec<Effect> = core.handle(Millis(1_000 + i), input).collect();
+            journal.decided(&effects);
+        }
+        journal.flush();
+        let path = journal.current();
+        let clean = check(&path, 2).unwrap();
+        assert_eq!((clean.steps, clean.unrecorded, clean.differing), (10, 0, 0));
+        assert!(clean.first.is_none());
+        // The 6th step's recorded decisions are not what this core decides
+        // (as if the code that wrote it decided otherwise).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        // Line 1 is the snapshot; each step is an input line and a digest.
+        let digest_line = 1 + 2 * 5 + 1;
+        assert!(lines[digest_line].starts_with("{\"decided\":\""));
+        lines[digest_line] = format!("{{\"decided\":\"{}\"}}", "0".repeat(32));
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let found = check(&path, 2).unwrap();
+        assert_eq!(found.differing, 1);
+        let first = found.first.expect("a divergence");
+        assert_eq!(first.line, digest_line, "the input's line (1-based)");
+        assert_eq!(first.at, Millis(1_005));
+        assert_eq!(first.recorded, "0".repeat(32));
+        assert_eq!(first.today, decisions_digest(&first.effects));
+        let around: Vec<u64> = first.inputs.iter().map(|(_, at, _)| at.0).collect();
+        assert_eq!(around, [1_003, 1_004, 1_005, 1_006, 1_007]);
+        // A segment of an earlier version records nothing to compare.
+        let old: Vec<&String> = lines
+            .iter()
+            .filter(|l| !l.contains("\"decided\""))
+            .collect();
+        let old_path = dir.path().join("old.jsonl");
+        let old_text: String = old.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&old_path, old_text).unwrap();
+        let unrecorded = check(&old_path, 2).unwrap();
+        assert_eq!((unrecorded.steps, unrecorded.unrecorded), (10, 10));
+        // A digest with no input before it is an error naming its line.
+        std::fs::write(&old_path, format!("{}\n{{\"decided\":\"00\"}}\n", lines[0])).unwrap();
+        let err = check(&old_path, 2).unwrap_err();
+        assert!(
+            err.ends_with(":2: a digest with no input before it"),
+            "{err}"
+        );
     }
 
     /// The time of a segment's first line (its snapshot).
@@ -263,6 +471,7 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap();
         match serde_json::from_str(text.lines().next().expect("a first line")).unwrap() {
             Line::Snapshot { at, .. } | Line::Input { at, .. } => at.0,
+            Line::Decided { .. } => panic!("a segment starts with its snapshot"),
         }
     }
 
@@ -381,7 +590,7 @@ mod tests {
         let segments = journal.segments();
         assert_eq!(segments.len(), 1, "{segments:?}");
         let mut inputs = 0;
-        replay(&segments[0].1, |_, _, _| inputs += 1).expect("the history replays");
+        replay(&segments[0].1, |_| inputs += 1).expect("the history replays");
         assert_eq!(inputs, 1);
     }
 
@@ -418,12 +627,12 @@ mod tests {
             ),
         ];
         for (name, text, expected) in cases {
-            let err = replay(&write(dir.path(), name, &text), |_, _, _| {})
+            let err = replay(&write(dir.path(), name, &text), |_| {})
                 .err()
                 .expect("refused");
             assert!(err.contains(expected), "{name}: {err}");
         }
         let fine = write(dir.path(), "fine.jsonl", &format!("{snapshot}\n{tick}\n\n"));
-        assert!(replay(&fine, |_, _, _| {}).is_ok());
+        assert!(replay(&fine, |_| {}).is_ok());
     }
 }

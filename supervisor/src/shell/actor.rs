@@ -55,8 +55,8 @@ pub trait Recorder: Send + 'static {
     /// Sees every input just before the core handles it.
     fn record(&mut self, _now: crate::core::Millis, _input: &Input, _core: &Core) {}
 
-    /// Sees the core just after it handled an input.
-    fn handled(&mut self, _core: &Core) {}
+    /// Sees the core just after it handled an input, and what it decided.
+    fn handled(&mut self, _core: &Core, _effects: &[Effect]) {}
 
     /// The batch decided so far is handed to the commit stage.
     fn sealed(&mut self) {}
@@ -207,8 +207,9 @@ async fn run(
                         match command {
                             Command::Input(input) => {
                                 recorder.record(now, &input, &core);
+                                let before = pending.effects.len();
                                 pending.effects.extend(core.handle(now, input));
-                                recorder.handled(&core);
+                                recorder.handled(&core, &pending.effects[before..]);
                                 pending.inputs += 1;
                                 inputs += 1;
                             }
@@ -231,8 +232,9 @@ async fn run(
             () = seam::sleep_until(deadline.unwrap_or_default()), if deadline.is_some() && !full => {
                 let now = seam::now();
                 recorder.record(now, &Input::Tick, &core);
+                let before = pending.effects.len();
                 pending.effects.extend(core.handle(now, Input::Tick));
-                recorder.handled(&core);
+                recorder.handled(&core, &pending.effects[before..]);
                 pending.inputs += 1;
             },
         }
@@ -321,7 +323,7 @@ mod tests {
     struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
     impl Recorder for Counting {
-        fn handled(&mut self, _core: &Core) {
+        fn handled(&mut self, _core: &Core, _effects: &[Effect]) {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
