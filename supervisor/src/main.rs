@@ -70,6 +70,24 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Write an incident bundle to attach to a bug report: the journal
+    /// segments that cover a window, the scheduler's configuration, the
+    /// agents seen and when, and the affected jobs' records, with job
+    /// environments and anything named like a secret redacted.
+    Incident {
+        /// The last this long: 90s, 30m, 2h or 1d.
+        #[arg(long)]
+        since: Option<String>,
+        /// This job's life, from its submission to its end (repeatable).
+        #[arg(long = "job", value_name = "ID")]
+        jobs: Vec<u64>,
+        /// The bundle's file (JSON lines).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The supervisor's data dir [default: the one `serve` uses].
+        #[arg(long, env = "FOREMAN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Replay a journal segment through the scheduler and print what it did.
     Replay {
         /// A segment: <data dir>/journal/current.jsonl or <n>.jsonl.
@@ -400,6 +418,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         } => jobs(state, user, limit, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Watch { id, client } => watch(id, client).await,
+        Command::Incident {
+            since,
+            jobs,
+            output,
+            data_dir,
+        } => incident(since.as_deref(), jobs, &output, data_dir),
         Command::Replay {
             file, check: true, ..
         } => replay_check(file),
@@ -939,6 +963,76 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         .run()
         .await
         .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `90s`, `30m`, `2h`, `1d` in ms.
+fn duration_ms(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?}: a number and s, m, h or d (90s, 30m, 2h, 1d)");
+    let unit = text.chars().last().ok_or_else(bad)?;
+    let number: u64 = text[..text.len() - unit.len_utf8()]
+        .parse()
+        .map_err(|_| bad())?;
+    let ms = match unit {
+        's' => 1_000,
+        'm' => 60_000,
+        'h' => 3_600_000,
+        'd' => 86_400_000,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(ms).ok_or_else(bad)
+}
+
+fn incident(
+    since: Option<&str>,
+    jobs: Vec<u64>,
+    output: &Path,
+    data_dir: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let window = foreman::server::incident::Window {
+        since_ms: since.map(duration_ms).transpose()?,
+        jobs: jobs.into_iter().map(foreman::core::JobId).collect(),
+    };
+    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+    // Written aside, then renamed: a bundle is whole or not there. 0600:
+    // it holds jobs' commands and output.
+    let partial = output.with_extension("partial");
+    let _ = std::fs::remove_file(&partial);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let written =
+        foreman::server::incident::bundle(&data_dir, &window, foreman::seam::now(), &mut out)
+            .and_then(|summary| {
+                out.flush().map_err(|e| e.to_string())?;
+                std::fs::rename(&partial, output)
+                    .map_err(|e| format!("{}: {e}", output.display()))?;
+                Ok(summary)
+            });
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    println!(
+        "{}: {} journal segments ({}), {} jobs, {} agents; job environments and secrets redacted",
+        output.display(),
+        summary.segments.len(),
+        summary.segments.join(", "),
+        summary.jobs,
+        summary.agents
+    );
+    if summary.segments.is_empty() {
+        println!("no journal segment covers the window (is the journal on?)");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

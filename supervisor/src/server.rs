@@ -8,6 +8,7 @@ pub mod auth;
 pub mod executor;
 pub mod http;
 pub mod hub;
+pub mod incident;
 pub mod journal;
 
 use std::net::SocketAddr;

@@ -346,3 +346,94 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
+    let sup = Supervisor::start(1).await;
+    sup.wait_agents(1).await;
+    let mut spec = sh("echo \"a key of ${#API_KEY} characters\"");
+    spec.env.insert("API_KEY".into(), "s3cret-value".into());
+    let job = sup.admin.submit(&spec).await.unwrap().job.id;
+    sup.wait_state(&sup.admin, job, JobState::Succeeded, BOUND)
+        .await;
+    let bundle = sup.path().join("incident.jsonl");
+    let path = bundle.display().to_string();
+    let (success, out, err) = sup.cli(&["incident", "--since", "1h", "-o", &path]);
+    assert!(success, "{out}\n{err}");
+    assert!(
+        out.contains("1 jobs") && out.contains("current.jsonl"),
+        "{out}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&bundle).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    // Nothing secret: not the job's environment, not the admin's token.
+    // (A job's output is its own: one that prints its secrets shows them.)
+    let admin_token = std::fs::read_to_string(sup.path().join("admin.token")).unwrap();
+    assert!(!text.contains(admin_token.trim()), "the admin token leaked");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    for line in &lines {
+        let spec_env = [
+            line.pointer("/input/spec/env/API_KEY"),
+            line.pointer("/spec/env/API_KEY"),
+        ];
+        for value in spec_env.into_iter().flatten() {
+            assert_eq!(value, "<redacted>");
+        }
+    }
+    let header = &lines[0];
+    assert_eq!(header["bundle"], "foreman-incident");
+    assert_eq!(header["foreman_version"], env!("CARGO_PKG_VERSION"));
+    let jobs = header["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], job.0);
+    assert_eq!(jobs[0]["spec"]["env"]["API_KEY"], "<redacted>");
+    assert!(
+        header["config"]["plans"].is_object(),
+        "{}",
+        header["config"]
+    );
+    assert!(
+        header["agents"]["local-0"].is_array(),
+        "{}",
+        header["agents"]
+    );
+    // Each segment whole, from its snapshot, its submit included.
+    assert_eq!(lines[1]["segment"], "current.jsonl");
+    assert!(lines[2].get("snapshot").is_some());
+    let submit = lines
+        .iter()
+        .find(|l| l.pointer("/input/input") == Some(&"submit".into()))
+        .expect("the submit");
+    assert_eq!(submit["input"]["spec"]["env"]["API_KEY"], "<redacted>");
+    assert!(
+        !text.contains("s3cret-value"),
+        "an environment value leaked"
+    );
+    assert!(
+        text.contains("a key of 12 characters"),
+        "the job ran with it"
+    );
+    // The job's life alone; and what cannot be bundled is refused, clearly,
+    // leaving nothing behind.
+    let by_job = sup.path().join("by-job.jsonl").display().to_string();
+    let (success, out, err) = sup.cli(&["incident", "--job", &job.0.to_string(), "-o", &by_job]);
+    assert!(success && out.contains("1 jobs"), "{out}\n{err}");
+    for (args, says) in [
+        (vec!["--since", "5x"], "a number and s, m, h or d"),
+        (vec!["--job", "999999"], "no job 999999"),
+        (vec![], "--since, or --job"),
+    ] {
+        let refused = sup.path().join("refused.jsonl").display().to_string();
+        let mut all = vec!["incident", "-o", refused.as_str()];
+        all.extend(args);
+        let (success, _, err) = sup.cli(&all);
+        assert!(!success && err.contains(says), "{all:?}: {err}");
+        assert!(!std::path::Path::new(&refused).exists());
+        assert!(!sup.path().join("refused.partial").exists());
+    }
+}
