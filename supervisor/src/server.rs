@@ -154,7 +154,23 @@ pub async fn start(options: ServerOptions) -> Result<Running, StartError> {
             options.journal_segment_bytes_max,
             options.journal_segments_max,
         ) {
-            Ok(journal) => Some(journal),
+            Ok(mut journal) => {
+                journal.started(serde_json::json!({
+                    "ping_interval_ms": options.endpoint.ping_interval_ms,
+                    "ping_timeout_ms": options.endpoint.ping_timeout_ms,
+                    "hello_timeout_ms": options.endpoint.hello_timeout_ms,
+                    "journal_segment_bytes_max": options.journal_segment_bytes_max,
+                    "journal_segments_max": options.journal_segments_max,
+                    "tls": options.tls.is_some(),
+                    "local_agents": options
+                        .bootstrap_agents
+                        .iter()
+                        .map(|(id, _)| id.as_str())
+                        .collect::<Vec<_>>(),
+                    "restored_jobs": restored,
+                }));
+                Some(journal)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, dir = %dir.display(), "no journal: it cannot be opened");
                 None

@@ -305,6 +305,10 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
     })
     .expect("the journal replays");
     assert!(steps > 0);
+    // Killed: its start is there, and no end.
+    let text = std::fs::read_to_string(&journal).unwrap();
+    assert!(text.contains("\"supervisor\":{\"event\":\"started\""));
+    assert!(!text.contains("\"event\":\"stopped\""));
     for (id, state) in &stored {
         assert_eq!(
             replayed.get(id),
@@ -349,7 +353,7 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
-    let sup = Supervisor::start(1).await;
+    let mut sup = Supervisor::start(1).await;
     sup.wait_agents(1).await;
     let mut spec = sh("echo \"a key of ${#API_KEY} characters\"");
     spec.env.insert("API_KEY".into(), "s3cret-value".into());
@@ -397,6 +401,13 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
         "{}",
         header["config"]
     );
+    let start = &header["supervisor"][0];
+    assert_eq!(start["event"], "started", "{}", header["supervisor"]);
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        start["settings"]["ping_timeout_ms"].as_u64() > Some(0),
+        "{start}"
+    );
     assert!(
         header["agents"]["local-0"].is_array(),
         "{}",
@@ -436,4 +447,13 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
         assert!(!std::path::Path::new(&refused).exists());
         assert!(!sup.path().join("refused.partial").exists());
     }
+    // The journal tells a stop from a crash: a clean stop writes its end.
+    assert!(sup.stop().await);
+    let journal = std::fs::read_to_string(sup.path().join("journal/current.jsonl")).unwrap();
+    let ends: Vec<&str> = journal
+        .lines()
+        .filter(|l| l.contains("\"supervisor\":{\"event\":\"stopped\""))
+        .collect();
+    assert_eq!(ends.len(), 1, "{journal}");
+    assert!(journal.lines().last().unwrap().contains("\"stopped\""));
 }

@@ -4,8 +4,9 @@
 //! - the header, `{"bundle": "foreman-incident", ...}`: the bundle's
 //!   format, the version of the `foreman` that wrote it, when, the window
 //!   asked for, the scheduler's configuration as the newest included
-//!   segment's snapshot holds it, the agents seen and when (connected,
-//!   gone, from the segments), and the affected jobs' records;
+//!   segment's snapshot holds it, the supervisor's starts (version,
+//!   settings) and ends, the agents seen and when (connected, gone, from
+//!   the segments), and the affected jobs' records;
 //! - then each journal segment that covers the window, whole: a line
 //!   `{"segment": "<name>"}` and the segment's own lines (each starts
 //!   with its snapshot, so each replays on its own).
@@ -197,6 +198,7 @@ pub fn bundle(
         .collect();
     // Agents seen, and what the newest chosen snapshot says of the config.
     let mut agents: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut supervisor: Vec<Value> = Vec::new();
     let mut config = Value::Null;
     let mut lines: Vec<(String, Vec<Value>)> = Vec::new();
     for segment in &chosen {
@@ -229,6 +231,13 @@ pub fn bundle(
                             }));
                     }
                 }
+            }
+            if let Some(fact) = value.get("supervisor") {
+                let mut fact = fact.clone();
+                if let Some(map) = fact.as_object_mut() {
+                    map.insert("at".into(), at.clone());
+                }
+                supervisor.push(fact);
             }
             if let Some(input) = value.get("input") {
                 let kind = input.get("input").and_then(Value::as_str);
@@ -266,6 +275,7 @@ pub fn bundle(
         },
         "segments": lines.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
         "config": config,
+        "supervisor": supervisor,
         "agents": agents,
         "jobs": records,
     });

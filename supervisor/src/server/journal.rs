@@ -10,7 +10,12 @@
 //!   decided on it (`decisions_digest`), so that a replay through other
 //!   code can say where it would decide differently (`foreman replay
 //!   --check`). Segments of an earlier version have none; they replay all
-//!   the same.
+//!   the same;
+//! - `{"at": <ms>, "supervisor": {"event": "started" | "stopped" |
+//!   "panicked", "version": ..., "settings": {...}}}`: the supervisor's
+//!   starts (after the snapshot of its first input, with its version and
+//!   settings) and ends. A supervisor killed writes no end: a start with
+//!   no end before it is a crash. Replays skip these lines.
 //!
 //! The segment being written is `current.jsonl`. Once the inputs written
 //! since its snapshot are more than the size bound, and more than the
@@ -35,9 +40,32 @@ use crate::core::{Core, Effect, Input, Millis, Snapshot};
 #[serde(untagged)]
 #[allow(clippy::large_enum_variant)] // one line at a time, written at once
 pub enum Line {
-    Snapshot { at: Millis, snapshot: Box<Snapshot> },
-    Input { at: Millis, input: Input },
-    Decided { decided: String },
+    Snapshot {
+        at: Millis,
+        snapshot: Box<Snapshot>,
+    },
+    Input {
+        at: Millis,
+        input: Input,
+    },
+    Decided {
+        decided: String,
+    },
+    Supervisor {
+        at: Millis,
+        supervisor: SupervisorFact,
+    },
+}
+
+/// A supervisor's start or end, as the journal records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorFact {
+    /// `started`, `stopped`, or `panicked`.
+    pub event: String,
+    pub version: String,
+    /// Its settings beyond the scheduler's (whose are in every snapshot).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub settings: serde_json::Value,
 }
 
 /// A digest of what the core decided in one step: SHA-256 of the JSON of
@@ -84,6 +112,8 @@ pub struct Journal {
     segments_max: usize,
     /// Set when the next input must be preceded by a snapshot.
     needs_snapshot: bool,
+    /// The supervisor's start, written before the first input.
+    start: Option<SupervisorFact>,
 }
 
 impl Journal {
@@ -104,6 +134,7 @@ impl Journal {
             segment_bytes_max,
             segments_max,
             needs_snapshot: true,
+            start: None,
         };
         journal.rotate()?;
         Ok(journal)
@@ -189,6 +220,15 @@ impl Journal {
             self.snapshot_bytes = self.bytes;
             self.needs_snapshot = false;
         }
+        if let Some(start) = self.start.take() {
+            let line = serde_json::to_string(&Line::Supervisor {
+                at: now,
+                supervisor: start,
+            })?;
+            writer.write_all(line.as_bytes())?;
+            writer.write_all(b"\n")?;
+            self.bytes += line.len() as u64 + 1;
+        }
         let line = serde_json::to_string(&Line::Input {
             at: now,
             input: input.clone(),
@@ -197,6 +237,16 @@ impl Journal {
         writer.write_all(b"\n")?;
         self.bytes += line.len() as u64 + 1;
         Ok(())
+    }
+
+    /// Notes the supervisor's start, with its settings: written before its
+    /// first input (a supervisor that stops before any leaves no trace).
+    pub fn started(&mut self, settings: serde_json::Value) {
+        self.start = Some(SupervisorFact {
+            event: "started".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            settings,
+        });
     }
 
     /// Records the digest of what the core decided on the input just
@@ -222,6 +272,36 @@ impl Journal {
                 warn!(error = %e, "journal cannot be written; journaling is off");
                 self.writer = None;
             }
+        }
+    }
+}
+
+/// A supervisor's end, in the segment it last wrote to; the same `at` as
+/// its last input or later.
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if self.writer.is_none() || self.bytes == 0 {
+            // Off, or nothing recorded in this segment (a supervisor that
+            // stopped before its first input leaves no trace).
+            return;
+        }
+        let event = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "stopped"
+        };
+        let line = serde_json::to_string(&Line::Supervisor {
+            at: crate::seam::now(),
+            supervisor: SupervisorFact {
+                event: event.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                settings: serde_json::Value::Null,
+            },
+        })
+        .expect("serializes");
+        if let Some(writer) = &mut self.writer {
+            let _ = writer.write_all(format!("{line}\n").as_bytes());
+            let _ = writer.flush();
         }
     }
 }
@@ -277,6 +357,7 @@ pub fn replay(path: &Path, mut each: impl FnMut(Step)) -> Result<Core, String> {
                     recorded: None,
                 });
             }
+            Line::Supervisor { .. } => {}
             Line::Decided { decided } => match step.as_mut() {
                 Some(step) if step.recorded.is_none() => step.recorded = Some(decided),
                 _ => return Err(at_line(&"a digest with no input before it")),
@@ -471,7 +552,9 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap();
         match serde_json::from_str(text.lines().next().expect("a first line")).unwrap() {
             Line::Snapshot { at, .. } | Line::Input { at, .. } => at.0,
-            Line::Decided { .. } => panic!("a segment starts with its snapshot"),
+            Line::Decided { .. } | Line::Supervisor { .. } => {
+                panic!("a segment starts with its snapshot")
+            }
         }
     }
 
