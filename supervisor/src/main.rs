@@ -1037,18 +1037,42 @@ fn incident(
 }
 
 fn replay_check(file: PathBuf) -> Result<ExitCode, String> {
-    let check = foreman::server::journal::check(&file, 3)?;
+    use foreman::server::{incident, journal};
+    let open = || {
+        std::fs::File::open(&file)
+            .map(std::io::BufReader::new)
+            .map_err(|e| format!("{}: {e}", file.display()))
+    };
+    // A bundle: each of its segments in turn.
+    if let Some(segments) =
+        incident::segments_of(open()?).map_err(|e| format!("{}: {e}", file.display()))?
+    {
+        let mut worst = ExitCode::SUCCESS;
+        for (name, text) in segments {
+            let label = format!("{} [{name}]", file.display());
+            let check = journal::check_from(&label, std::io::Cursor::new(text), 3)?;
+            if report_check(&label, check)? != ExitCode::SUCCESS {
+                worst = ExitCode::from(1);
+            }
+        }
+        return Ok(worst);
+    }
+    let check = journal::check(&file, 3)?;
+    report_check(&file.display().to_string(), check)
+}
+
+fn report_check(file: &str, check: foreman::server::journal::Check) -> Result<ExitCode, String> {
     if check.steps > 0 && check.unrecorded == check.steps {
         return Err(format!(
             "{}: its {} steps record no decisions (an earlier version wrote it): nothing to compare",
-            file.display(),
+            file,
             check.steps
         ));
     }
     let Some(first) = check.first else {
         println!(
             "{}: today's scheduler decides as recorded at all {} steps{}",
-            file.display(),
+            file,
             check.steps - check.unrecorded,
             if check.unrecorded > 0 {
                 format!(" ({} steps recorded nothing)", check.unrecorded)
@@ -1060,7 +1084,7 @@ fn replay_check(file: PathBuf) -> Result<ExitCode, String> {
     };
     println!(
         "{}:{}: at {} ms today's scheduler decides otherwise: digest {} today, {} recorded ({} of {} steps differ from there on)",
-        file.display(),
+        file,
         first.line,
         first.at.0,
         first.today,

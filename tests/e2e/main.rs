@@ -429,6 +429,14 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
         text.contains("a key of 12 characters"),
         "the job ran with it"
     );
+    // The bundle's inputs, redacted, replay through today's scheduler to
+    // the decisions recorded when they were made.
+    let (success, out, err) = sup.cli(&["replay", "--check", &path]);
+    assert!(success, "{out}\n{err}");
+    assert!(
+        out.contains("[current.jsonl]: today's scheduler decides as recorded at all"),
+        "{out}"
+    );
     // The job's life alone; and what cannot be bundled is refused, clearly,
     // leaving nothing behind.
     let by_job = sup.path().join("by-job.jsonl").display().to_string();

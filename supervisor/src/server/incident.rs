@@ -294,6 +294,38 @@ pub fn bundle(
     })
 }
 
+/// The segments of a bundle read from `lines`, each as (name, its lines);
+/// `None` if the first line is not a bundle's header.
+pub fn segments_of(lines: impl BufRead) -> Result<Option<Vec<(String, String)>>, String> {
+    let mut segments: Vec<(String, String)> = Vec::new();
+    let mut header = false;
+    for (n, line) in lines.lines().enumerate() {
+        let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
+        if n == 0 {
+            let first: Option<Value> = serde_json::from_str(&line).ok();
+            if first.as_ref().and_then(|h| h.get("bundle"))
+                != Some(&Value::from("foreman-incident"))
+            {
+                return Ok(None);
+            }
+            header = true;
+            continue;
+        }
+        let marker = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|v| v.get("segment").and_then(Value::as_str).map(String::from));
+        match (marker, segments.last_mut()) {
+            (Some(name), _) => segments.push((name, String::new())),
+            (None, Some((_, text))) => {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            (None, None) => return Err(format!("line {}: a line before the first segment", n + 1)),
+        }
+    }
+    Ok(header.then_some(segments))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +352,28 @@ mod tests {
             "commands are kept"
         );
         assert!(text.contains("kept too") && text.contains("\"ordinary\":\"kept\""));
+    }
+
+    #[test]
+    fn incident_a_bundle_is_read_back_segment_by_segment() {
+        let read = |text: &str| segments_of(std::io::Cursor::new(text.to_string()));
+        let bundle = "{\"bundle\":\"foreman-incident\"}\n{\"segment\":\"1.jsonl\"}\na\nb\n{\"segment\":\"current.jsonl\"}\nc\n";
+        assert_eq!(
+            read(bundle).unwrap(),
+            Some(vec![
+                ("1.jsonl".to_string(), "a\nb\n".to_string()),
+                ("current.jsonl".to_string(), "c\n".to_string())
+            ])
+        );
+        // A journal segment, or anything else, is not a bundle.
+        assert_eq!(read("{\"at\":1,\"snapshot\":{}}\n").unwrap(), None);
+        assert_eq!(read("not json\n").unwrap(), None);
+        assert_eq!(read("").unwrap(), None);
+        let err = read("{\"bundle\":\"foreman-incident\"}\nstray\n").unwrap_err();
+        assert!(
+            err.contains("line 2: a line before the first segment"),
+            "{err}"
+        );
     }
 
     #[test]

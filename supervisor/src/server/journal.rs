@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::core::{Core, Effect, Input, Millis, Snapshot};
+use crate::core::{Core, Effect, Input, Millis, Snapshot, ToAgent};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -70,7 +70,8 @@ pub struct SupervisorFact {
 
 /// A digest of what the core decided in one step: SHA-256 of the JSON of
 /// its events (what happened to which job, attempt and agent, and why),
-/// messages to agents and connections closed, the first 16 bytes in hex.
+/// messages to agents (a run order as its job, attempt and agent, without
+/// the spec) and connections closed, the first 16 bytes in hex.
 /// Records and replies are left out: they follow from those, and a change
 /// in how a record is written alone is not a different decision (and
 /// hashing them cost a tenth of the throughput).
@@ -88,13 +89,24 @@ pub fn decisions_digest(effects: &[Effect]) -> String {
     }
     let mut hashing = Hashing(Sha256::new());
     for effect in effects {
-        match effect {
-            Effect::Persist { .. } | Effect::Reply { .. } => {}
+        let written = match effect {
+            Effect::Persist { .. } | Effect::Reply { .. } => continue,
+            // Which attempt goes where is the decision; the spec is the
+            // submitter's (and a bundle redacts its environment).
+            Effect::Send {
+                agent,
+                conn,
+                msg: ToAgent::Run { job, attempt, .. },
+            } => serde_json::to_writer(
+                &mut hashing,
+                &serde_json::json!({ "run": job, "attempt": attempt, "agent": agent, "conn": conn }),
+            ),
             Effect::Event(_) | Effect::Send { .. } | Effect::Close { .. } => {
-                serde_json::to_writer(&mut hashing, effect).expect("effects serialize");
-                hashing.0.update(b"\n");
+                serde_json::to_writer(&mut hashing, effect)
             }
-        }
+        };
+        written.expect("effects serialize");
+        hashing.0.update(b"\n");
     }
     hashing.0.finalize()[..16]
         .iter()
@@ -321,14 +333,26 @@ pub struct Step {
 /// Replays one journal segment through a fresh core: the snapshot, then
 /// every input. Calls `each` with every step. An error names the line that
 /// could not be used.
-pub fn replay(path: &Path, mut each: impl FnMut(Step)) -> Result<Core, String> {
-    use std::io::BufRead;
+pub fn replay(path: &Path, each: impl FnMut(Step)) -> Result<Core, String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    replay_from(
+        &path.display().to_string(),
+        std::io::BufReader::new(file),
+        each,
+    )
+}
+
+/// Replays a segment read from `lines` (named `name` in errors).
+pub fn replay_from(
+    name: &str,
+    lines: impl std::io::BufRead,
+    mut each: impl FnMut(Step),
+) -> Result<Core, String> {
     let mut core: Option<Core> = None;
     // The last input's step, until its digest (or the next input) is read.
     let mut step: Option<Step> = None;
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let at_line = |e: &dyn std::fmt::Display| format!("{}:{}: {e}", path.display(), n + 1);
+    for (n, line) in lines.lines().enumerate() {
+        let at_line = |e: &dyn std::fmt::Display| format!("{name}:{}: {e}", n + 1);
         let line = line.map_err(|e| at_line(&e))?;
         if line.trim().is_empty() {
             continue;
@@ -367,7 +391,7 @@ pub fn replay(path: &Path, mut each: impl FnMut(Step)) -> Result<Core, String> {
     if let Some(done) = step.take() {
         each(done);
     }
-    core.ok_or_else(|| format!("{}: no snapshot", path.display()))
+    core.ok_or_else(|| format!("{name}: no snapshot"))
 }
 
 /// Where a replay through today's core first decides otherwise than the
@@ -401,10 +425,24 @@ pub struct Check {
 /// Replays `path` through today's core and compares every step's decisions
 /// with the digest recorded when it was written.
 pub fn check(path: &Path, around: usize) -> Result<Check, String> {
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    check_from(
+        &path.display().to_string(),
+        std::io::BufReader::new(file),
+        around,
+    )
+}
+
+/// `check` of a segment read from `lines` (named `name` in errors).
+pub fn check_from(
+    name: &str,
+    lines: impl std::io::BufRead,
+    around: usize,
+) -> Result<Check, String> {
     let mut check = Check::default();
     let mut before: std::collections::VecDeque<(usize, Millis, Input)> = Default::default();
     let mut after = 0;
-    replay(path, |step| {
+    replay_from(name, lines, |step| {
         check.steps += 1;
         let today = decisions_digest(&step.effects);
         let entry = (step.line, step.at, step.input);
@@ -449,6 +487,15 @@ mod tests {
     use super::*;
     use crate::core::{CoreConfig, RequestId, SubmitSpec};
 
+    fn submit(request: u64) -> Input {
+        Input::Submit {
+            request: RequestId(request),
+            user: "ana".into(),
+            plan: "basic".into(),
+            spec: SubmitSpec::command(["echo", "hi"]),
+        }
+    }
+
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -461,12 +508,7 @@ mod tests {
         let mut journal = Journal::open(dir.path(), 2_000, 2).unwrap();
         let mut core = Core::new(CoreConfig::default());
         for i in 0..40u64 {
-            let input = Input::Submit {
-                request: RequestId(i),
-                user: "ana".into(),
-                plan: "basic".into(),
-                spec: SubmitSpec::command(["echo", "hi"]),
-            };
+            let input = submit(i);
             journal.record(Millis(1_000 + i), &input, &core);
             core.handle(Millis(1_000 + i), input).for_each(drop);
         }
@@ -495,12 +537,7 @@ mod tests {
         let mut journal = Journal::open(dir.path(), 1_000_000, 2).unwrap();
         let mut core = Core::new(CoreConfig::default());
         for i in 0..10u64 {
-            let input = Input::Submit {
-                request: RequestId(i),
-                user: "ana".into(),
-                plan: "basic".into(),
-                spec: SubmitSpec::command(["echo", "hi"]),
-            };
+            let input = submit(i);
             journal.record(Millis(1_000 + i), &input, &core);
             let effects: Vec<Effect> = core.handle(Millis(1_000 + i), input).collect();
             journal.decided(&effects);
