@@ -359,19 +359,23 @@ fn shrink_run(
         runs += 1;
         Some(run(candidate, seed).outcome())
     };
-    let header = format!(
-        "# Shrunk on seed {seed}: fails as {signature}.\n# Replay: cargo xtask sim run {} --seed {seed}\n",
-        out.display()
-    );
     let mut step = |what: &str, current: &Scenario| {
         if !quiet {
             println!("  {what}: {}", size(current));
         }
-        if let Err(e) = std::fs::write(out, format!("{header}{}", current.to_toml())) {
-            eprintln!("{}: {e}", out.display());
-        }
+        write_shrunk(out, current, signature, seed);
     };
     shrink(scenario, signature, &mut oracle, &mut step)
+}
+
+fn write_shrunk(out: &Path, scenario: &Scenario, signature: &Signature, seed: u64) {
+    let header = format!(
+        "# Shrunk on seed {seed}: fails as {signature}.\n# Replay: cargo xtask sim run {} --seed {seed}\n",
+        out.display()
+    );
+    if let Err(e) = std::fs::write(out, format!("{header}{}", scenario.to_toml())) {
+        eprintln!("{}: {e}", out.display());
+    }
 }
 
 fn shrink_file(path: &Path, seed: u64, out: Option<PathBuf>, budget: Budget) -> i32 {
@@ -409,9 +413,8 @@ fn shrink_file(path: &Path, seed: u64, out: Option<PathBuf>, budget: Budget) -> 
         }
     }
     let shrunk = shrink_run(&start, &signature, seed, &budget, &out, false);
-    if shrunk.scenario == start && !out.exists() {
-        let _ = std::fs::write(&out, shrunk.scenario.to_toml());
-    }
+    // Written whatever happened: never an earlier, unrelated file left there.
+    write_shrunk(&out, &shrunk.scenario, &signature, seed);
     println!(
         "shrunk to {} in {} runs{}; written to {}",
         size(&shrunk.scenario),
@@ -430,15 +433,15 @@ fn shrink_file(path: &Path, seed: u64, out: Option<PathBuf>, budget: Budget) -> 
     0
 }
 
-/// Saves a failing seed's scenario and trace, the scenario shrunk first
-/// unless `shrink` is off (the original kept beside it); returns the
-/// replay command.
+/// Saves a failing seed's scenario and trace, the scenario shrunk within
+/// `shrink` if given (the original and its trace kept beside it); returns
+/// the replay command.
 fn save_failure(
     out: &Path,
     result: &RunResult,
     scenario: &Scenario,
     summary: &str,
-    shrink: bool,
+    shrink: Option<Budget>,
 ) -> String {
     let dir = out.join(format!("seed-{}", result.seed));
     let _ = std::fs::create_dir_all(&dir);
@@ -446,12 +449,14 @@ fn save_failure(
     let _ = std::fs::write(&path, scenario.to_toml());
     let _ = std::fs::write(dir.join("trace.jsonl"), result.trace_jsonl());
     let mut report = format!("{summary}\nverdict: {}\n", result.verdict().as_str());
-    let signature = Signature::of(scenario, &result.outcome()).filter(|_| shrink);
-    if let Some(signature) = signature {
+    let signature = Signature::of(scenario, &result.outcome()).filter(|_| shrink.is_some());
+    if let (Some(signature), Some(budget)) = (signature, shrink) {
         let _ = std::fs::write(dir.join("original.toml"), scenario.to_toml());
-        let shrunk = shrink_run(scenario, &signature, result.seed, &FUZZ_SHRINK, &path, true);
+        // The trace is the whole scenario's run, not the shrunk one's.
+        let _ = std::fs::rename(dir.join("trace.jsonl"), dir.join("original-trace.jsonl"));
+        let shrunk = shrink_run(scenario, &signature, result.seed, &budget, &path, true);
         report.push_str(&format!(
-            "shrunk: scenario.toml has {} ({} runs{}); original.toml is the seed's whole scenario\n",
+            "shrunk: scenario.toml has {} ({} runs{}); original.toml is the seed's whole scenario, original-trace.jsonl its run\n",
             size(&shrunk.scenario),
             shrunk.runs,
             if shrunk.cut_short { ", cut short" } else { "" }
@@ -479,7 +484,13 @@ fn fuzz_one(seed: u64, out: &Path, shrink: bool) -> i32 {
     if result.verdict() != Verdict::Pass {
         println!(
             "  saved: {}",
-            save_failure(out, &result, &scenario, &summary, shrink)
+            save_failure(
+                out,
+                &result,
+                &scenario,
+                &summary,
+                shrink.then_some(FUZZ_SHRINK)
+            )
         );
     }
     result.verdict() as i32
@@ -576,8 +587,17 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                     }
                 }
                 if verdict != Verdict::Pass {
-                    // (a run that did not repeat itself is saved as it is)
-                    let shrink = shrink && diverged.is_none();
+                    #[allow(clippy::disallowed_methods)] // the campaign's wall clock
+                    let found_secs = began.elapsed().as_secs_f64();
+                    // A run that did not repeat itself is saved as it is;
+                    // a shrink never runs past the campaign's time.
+                    let budget = Budget {
+                        time: time.map_or(FUZZ_SHRINK.time, |limit| {
+                            FUZZ_SHRINK.time.min(limit.saturating_sub(began.elapsed()))
+                        }),
+                        ..FUZZ_SHRINK
+                    };
+                    let shrink = (shrink && diverged.is_none()).then_some(budget);
                     let replay = save_failure(&out, &result, &scenario, &summary, shrink);
                     let first = diverged
                         .or_else(|| result.crash.clone())
@@ -600,11 +620,10 @@ fn fuzz(campaign: Campaign, out: &Path, quiet: bool) -> i32 {
                         .push((seed, verdict, replay));
                     if first_failure {
                         stop.store(true, Ordering::Relaxed);
-                        #[allow(clippy::disallowed_methods)] // the campaign's wall clock
-                        let secs = began.elapsed().as_secs_f64();
-                        // Said even when quiet: it is what the run is for.
+                        // Said even when quiet: it is what the run is for
+                        // (its time is the search's, not the shrink's).
                         println!(
-                            "first failure: seed {seed}, after {} seeds in {secs:.2} s",
+                            "first failure: seed {seed}, after {} seeds in {found_secs:.2} s",
                             done.load(Ordering::Relaxed) + 1
                         );
                     }

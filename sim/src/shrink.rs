@@ -36,6 +36,22 @@ pub struct Signature {
     pub checker: String,
     /// The scenario's job names the first violation names.
     pub jobs: Vec<String>,
+    /// For a crash, its message with every number blanked (a panic names
+    /// ids and times, which change as the scenario shrinks).
+    pub crash: Option<String>,
+}
+
+/// `message` with each run of digits as `#`.
+fn shape(message: &str) -> String {
+    let mut shaped = String::with_capacity(message.len());
+    for c in message.chars() {
+        if !c.is_ascii_digit() {
+            shaped.push(c);
+        } else if !shaped.ends_with('#') {
+            shaped.push('#');
+        }
+    }
+    shaped
 }
 
 impl std::fmt::Display for Signature {
@@ -56,18 +72,22 @@ impl Signature {
             verdict: outcome.verdict.clone(),
             checker: checker.clone(),
             jobs: named_jobs(scenario, message),
+            crash: (checker == "crash").then(|| shape(message)),
         })
     }
 
-    /// Whether `outcome`, a run of `scenario`, fails this way.
+    /// Whether `outcome`, a run of `scenario`, fails this way: the same
+    /// verdict, and its first violation from the same checker, naming the
+    /// same jobs (a crash: the same message but for its numbers).
     pub fn matches(&self, scenario: &Scenario, outcome: &Outcome) -> bool {
+        let Some((checker, message)) = outcome.violations.first() else {
+            return false;
+        };
+        let named = named_jobs(scenario, message);
         outcome.verdict == self.verdict
-            && outcome.violations.iter().any(|(checker, message)| {
-                *checker == self.checker && {
-                    let named = named_jobs(scenario, message);
-                    self.jobs.iter().all(|j| named.contains(j))
-                }
-            })
+            && *checker == self.checker
+            && self.jobs.iter().all(|j| named.contains(j))
+            && self.crash.as_ref().is_none_or(|c| *c == shape(message))
     }
 }
 

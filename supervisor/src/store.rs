@@ -52,6 +52,8 @@ pub enum StoreError {
     Corrupt { job: i64, reason: String },
     #[error("the database has schema version {found}; this build knows up to {known}")]
     NewerSchema { found: i64, known: i64 },
+    #[error("the database has schema version {found}; this build reads only {known} (use the foreman that wrote it)")]
+    OtherSchema { found: i64, known: i64 },
     #[error("user {0:?} already exists")]
     UserExists(String),
     #[error("{0}: {1}")]
@@ -104,6 +106,28 @@ impl Store {
             fsync_delay: None,
         };
         store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database to read it, without changing anything:
+    /// no file made, no mode set, no migration (a supervisor of another
+    /// version may be running on it). Refuses a schema this build would
+    /// migrate or does not know.
+    pub fn open_to_read(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = Store {
+            conn,
+            fsync_delay: None,
+        };
+        let found = store.schema_version()?;
+        let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if found != known {
+            return Err(StoreError::OtherSchema { found, known });
+        }
         Ok(store)
     }
 

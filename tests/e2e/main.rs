@@ -464,4 +464,16 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
         .collect();
     assert_eq!(ends.len(), 1, "{journal}");
     assert!(journal.lines().last().unwrap().contains("\"stopped\""));
+    // A bundle of a stopped supervisor's data dir, read without changing it.
+    let before = std::fs::metadata(sup.path().join("foreman.db"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let (success, out, err) = sup.cli(&["incident", "--since", "1h", "-o", &path]);
+    assert!(success && out.contains("1 jobs"), "{out}\n{err}");
+    let after = std::fs::metadata(sup.path().join("foreman.db"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
 }

@@ -204,6 +204,23 @@ fn the_jobs_a_failure_names_are_whole_words_of_its_message() {
         ..outcome.clone()
     };
     assert!(!signature.matches(&s, &other), "victim is not named");
+    // The first violation decides: the same one behind another is another failure.
+    let behind = Outcome {
+        violations: vec![
+            ("settle".into(), "agent-0 never came back".into()),
+            outcome.violations[0].clone(),
+        ],
+        ..outcome.clone()
+    };
+    assert!(!signature.matches(&s, &behind));
+    // A crash is the same crash but for its numbers.
+    let crash = |message: &str| Outcome {
+        verdict: "crash".into(),
+        violations: vec![("crash".into(), message.into())],
+    };
+    let crashed = Signature::of(&s, &crash("job 12 attempt 3: state 4 at 1200 ms")).unwrap();
+    assert!(crashed.matches(&s, &crash("job 7 attempt 1: state 4 at 35 ms")));
+    assert!(!crashed.matches(&s, &crash("job 7 attempt 1: no record")));
     let pass = Outcome {
         verdict: "pass".into(),
         violations: vec![],

@@ -51,10 +51,22 @@ impl AppendLog {
         })
     }
 
+    /// Appends `line` whole, or not at all: a write that fails part way
+    /// (a full disk) is cut back, so that the next line does not run on
+    /// from half of this one.
     pub(crate) fn append(&mut self, line: &str) -> std::io::Result<()> {
-        self.file.write_all(line.as_bytes())?;
-        self.bytes += line.len() as u64;
-        Ok(())
+        match self.file.write_all(line.as_bytes()) {
+            Ok(()) => {
+                self.bytes += line.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                use std::io::{Seek, SeekFrom};
+                let _ = self.file.set_len(self.bytes);
+                let _ = self.file.seek(SeekFrom::Start(self.bytes));
+                Err(e)
+            }
+        }
     }
 
     pub(crate) fn bytes(&self) -> u64 {

@@ -389,6 +389,8 @@ pub struct SpareDirs {
     root: PathBuf,
     spares: std::sync::Mutex<Vec<(PathBuf, std::fs::File)>>,
     next: std::sync::atomic::AtomicU64,
+    /// Set once spares cannot be used here.
+    off: std::sync::atomic::AtomicBool,
 }
 
 impl SpareDirs {
@@ -405,6 +407,7 @@ impl SpareDirs {
             root,
             spares: Default::default(),
             next: Default::default(),
+            off: Default::default(),
         });
         spares.replenish();
         Ok(spares)
@@ -425,6 +428,15 @@ impl SpareDirs {
             } else {
                 tracing::warn!(spare = %spare.display(), error = %e, "a spare run dir cannot be used");
                 let _ = std::fs::remove_dir_all(&spare);
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EINVAL | nix::libc::ENOSYS)
+                ) {
+                    // A file system that cannot rename without replacing:
+                    // run dirs are made on the run's path from now on.
+                    self.off.store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.spares.lock().expect("spares lock").clear();
+                }
             }
             return None;
         }
@@ -436,7 +448,8 @@ impl SpareDirs {
     }
 
     fn wanted(&self) -> bool {
-        self.spares.lock().expect("spares lock").len() < SPARE_DIRS
+        !self.off.load(std::sync::atomic::Ordering::Relaxed)
+            && self.spares.lock().expect("spares lock").len() < SPARE_DIRS
     }
 
     /// Makes spares until there are enough (file system work: call it off

@@ -31,16 +31,36 @@ pub const REDACTED: &str = "<redacted>";
 /// Format of the bundle, in its header.
 pub const BUNDLE_FORMAT: u32 = 1;
 
-/// Replaces secrets in `value`, wherever they are.
+/// Words that make a key's value secret, wherever they are in it.
+const SECRET_WORDS: [&str; 9] = [
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "credential",
+    "auth",
+    "cookie",
+    "session",
+    "private",
+];
+
+/// Replaces secrets in `value`, wherever they are: job environments'
+/// values, values under keys that name a secret (above, or ending in
+/// `key`, but for `idempotency_key` and a bare `key`), and idempotency
+/// digests (so a resubmission in a bundle's window replays as a conflict). Commands,
+/// labels and output are kept: they are what an incident is read from.
 pub fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, inner) in map.iter_mut() {
                 let key = key.to_ascii_lowercase();
-                if ["token", "secret", "password", "credential"]
-                    .iter()
-                    .any(|word| key.contains(word))
-                {
+                // An idempotency record's digest is a hash of the spec,
+                // environment included: a weak secret could be guessed
+                // from it offline.
+                let secret = SECRET_WORDS.iter().any(|word| key.contains(word))
+                    || (key.ends_with("key") && key != "idempotency_key" && key != "key")
+                    || key == "digest";
+                if secret {
                     *inner = Value::String(REDACTED.into());
                 } else if key == "env" {
                     match inner {
@@ -174,7 +194,8 @@ pub fn bundle(
             store_path.display()
         ));
     }
-    let store = Store::open(&store_path).map_err(|e| e.to_string())?;
+    let store =
+        Store::open_to_read(&store_path).map_err(|e| format!("{}: {e}", store_path.display()))?;
     let jobs = affected_jobs(&store, window, now)?;
     // The times to cover: the window, and each named job's life.
     let mut spans: Vec<(u64, u64)> = Vec::new();
@@ -196,23 +217,14 @@ pub fn bundle(
         })
         .map(|(_, s)| s)
         .collect();
-    // Agents seen, and what the newest chosen snapshot says of the config.
+    // Two passes over the chosen segments, a line at a time (they may be
+    // hundreds of MiB): the first for the header's facts, the second to
+    // copy each line, redacted.
     let mut agents: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let mut supervisor: Vec<Value> = Vec::new();
     let mut config = Value::Null;
-    let mut lines: Vec<(String, Vec<Value>)> = Vec::new();
     for segment in &chosen {
-        let file = std::fs::File::open(&segment.path)
-            .map_err(|e| format!("{}: {e}", segment.path.display()))?;
-        let mut kept = Vec::new();
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.map_err(|e| format!("{}: {e}", segment.path.display()))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let mut value: Value = serde_json::from_str(&line)
-                .unwrap_or_else(|_| serde_json::json!({ "unreadable": REDACTED }));
-            redact(&mut value);
+        for_each_line(segment, |value| {
             let at = value.get("at").cloned().unwrap_or(Value::Null);
             if let Some(snapshot) = value.get("snapshot") {
                 config = snapshot.get("config").cloned().unwrap_or(Value::Null);
@@ -254,9 +266,8 @@ pub fn bundle(
                         }));
                 }
             }
-            kept.push(value);
-        }
-        lines.push((segment.name.clone(), kept));
+            Ok(())
+        })?;
     }
     let mut records: Vec<Value> = jobs
         .iter()
@@ -264,6 +275,8 @@ pub fn bundle(
         .collect();
     records.iter_mut().for_each(redact);
     redact(&mut config);
+    supervisor.iter_mut().for_each(redact);
+    let names: Vec<String> = chosen.iter().map(|s| s.name.clone()).collect();
     let header = serde_json::json!({
         "bundle": "foreman-incident",
         "format": BUNDLE_FORMAT,
@@ -273,7 +286,7 @@ pub fn bundle(
             "since_ms": window.since_ms,
             "jobs": window.jobs.iter().map(|j| j.0).collect::<Vec<_>>(),
         },
-        "segments": lines.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
+        "segments": names,
         "config": config,
         "supervisor": supervisor,
         "agents": agents,
@@ -281,17 +294,38 @@ pub fn bundle(
     });
     let io = |e: std::io::Error| e.to_string();
     writeln!(out, "{header}").map_err(io)?;
-    for (name, segment) in &lines {
-        writeln!(out, "{}", serde_json::json!({ "segment": name })).map_err(io)?;
-        for value in segment {
-            writeln!(out, "{value}").map_err(io)?;
-        }
+    for segment in &chosen {
+        writeln!(out, "{}", serde_json::json!({ "segment": segment.name })).map_err(io)?;
+        for_each_line(segment, |mut value| {
+            redact(&mut value);
+            writeln!(out, "{value}").map_err(io)
+        })?;
     }
     Ok(Summary {
-        segments: lines.into_iter().map(|(name, _)| name).collect(),
+        segments: names,
         jobs: jobs.len(),
         agents: agents.len(),
     })
+}
+
+/// Each line of `segment` as JSON (one that is not JSON, as a marker: it is
+/// carried, never trusted, and its text could hold anything).
+fn for_each_line(
+    segment: &Segment,
+    mut each: impl FnMut(Value) -> Result<(), String>,
+) -> Result<(), String> {
+    let file = std::fs::File::open(&segment.path)
+        .map_err(|e| format!("{}: {e}", segment.path.display()))?;
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| format!("{}: {e}", segment.path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| serde_json::json!({ "unreadable": REDACTED }));
+        each(value)?;
+    }
+    Ok(())
 }
 
 /// The segments of a bundle read from `lines`, each as (name, its lines);
@@ -338,12 +372,16 @@ mod tests {
             "nested": [{"Access_Token": "t0ken"}, {"db_password": {"deep": "pw"}}],
             "env": "not a map, s3cret",
             "credentials": ["c1"],
+            "labels": {"api_key": "k1", "AWS_ACCESS_KEY": "k2", "Authorization": "b1", "zone": "eu"},
+            "idempotency": [{"key": "retry-1", "digest": "0123abcd"}],
             "ordinary": "kept",
             "idempotency_key": "kept too",
         });
         redact(&mut value);
         let text = value.to_string();
-        for secret in ["s3cret", "t0ken", "\"pw\"", "c1"] {
+        for secret in [
+            "s3cret", "t0ken", "\"pw\"", "c1", "k1", "k2", "b1", "0123abcd",
+        ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         assert_eq!(value["spec"]["env"]["API_KEY"], REDACTED);
@@ -352,6 +390,8 @@ mod tests {
             "commands are kept"
         );
         assert!(text.contains("kept too") && text.contains("\"ordinary\":\"kept\""));
+        assert_eq!(value["labels"]["zone"], "eu");
+        assert_eq!(value["idempotency"][0]["key"], "retry-1");
     }
 
     #[test]
