@@ -387,6 +387,9 @@ fn main() -> ExitCode {
         Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
         _ => tokio::runtime::Builder::new_current_thread(),
     };
+    if !matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
+        quiet_when_the_reader_goes();
+    }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -964,6 +967,27 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         .await
         .map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A command piped into `head` or `grep -q` ends quietly when the reader
+/// goes, as Unix tools do (status 141, as if killed by SIGPIPE), instead of
+/// panicking on its next print: the Rust runtime ignores SIGPIPE, and the
+/// project forbids the unsafe call that would restore it. The supervisor
+/// and the agent keep the panic: a print failing there is a real fault.
+fn quiet_when_the_reader_goes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// `90s`, `30m`, `2h`, `1d` in ms.

@@ -322,6 +322,18 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
         out.contains("Ended") && err.contains("replayed"),
         "{out}\n{err}"
     );
+    // Piped into a reader that is gone (`| head`), it ends quietly.
+    let mut piped = std::process::Command::new(FOREMAN)
+        .args(["replay", "--json", &journal.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(piped.stdout.take());
+    let ended = piped.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(141), "as if by SIGPIPE: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
     // Today's scheduler decides as the one that wrote it did...
     let (success, out, err) = sup.cli(&["replay", "--check", &journal.display().to_string()]);
     assert!(success, "{out}\n{err}");
