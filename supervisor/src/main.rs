@@ -1081,8 +1081,8 @@ fn replay_check(file: PathBuf) -> Result<ExitCode, String> {
         }
         return Ok(worst);
     }
-    let check = journal::check(&file, 3)?;
-    report_check(&file.display().to_string(), check)
+    let label = file.display().to_string();
+    report_check(&label, journal::check_from(&label, open()?, 3)?)
 }
 
 fn report_check(file: &str, check: foreman::server::journal::Check) -> Result<ExitCode, String> {

@@ -96,16 +96,21 @@ pub struct Summary {
     pub agents: usize,
 }
 
-/// A journal segment: its name, path, and the times of its first and last
-/// lines.
+/// A journal segment: its name, path, and the time of its first line (its
+/// snapshot's).
 struct Segment {
     name: String,
     path: PathBuf,
     first: u64,
-    last: u64,
 }
 
+/// The journal's segments, oldest first; each read as far as its first
+/// line's time (a segment covers from there to the next one's).
 fn segments(journal: &Path) -> Result<Vec<Segment>, String> {
+    #[derive(serde::Deserialize)]
+    struct At {
+        at: u64,
+    }
     let mut found = Vec::new();
     let entries = match std::fs::read_dir(journal) {
         Ok(entries) => entries,
@@ -118,26 +123,18 @@ fn segments(journal: &Path) -> Result<Vec<Segment>, String> {
             continue;
         }
         let path = entry.path();
-        let (mut first, mut last) = (None, 0);
         let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
-            // Only the time is wanted here: a line that is not JSON is
-            // carried as it is, and the replay names it.
-            let at = serde_json::from_str::<Value>(&line)
-                .ok()
-                .and_then(|v| v.get("at").and_then(Value::as_u64));
-            if let Some(at) = at {
-                first.get_or_insert(at);
-                last = last.max(at);
-            }
-        }
-        if let Some(first) = first {
+        let mut line = String::new();
+        std::io::BufReader::new(file)
+            .read_line(&mut line)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // An empty segment, or one whose first line has no time, covers
+        // nothing that can be placed.
+        if let Ok(At { at }) = serde_json::from_str(&line) {
             found.push(Segment {
                 name,
                 path,
-                first,
-                last,
+                first: at,
             });
         }
     }
@@ -212,7 +209,7 @@ pub fn bundle(
         .iter()
         .enumerate()
         .filter(|(i, s)| {
-            let end = all.get(i + 1).map_or(now.0.max(s.last), |next| next.first);
+            let end = all.get(i + 1).map_or(now.0, |next| next.first);
             spans.iter().any(|&(from, to)| s.first <= to && from <= end)
         })
         .map(|(_, s)| s)

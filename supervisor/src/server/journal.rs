@@ -422,18 +422,9 @@ pub struct Check {
     pub first: Option<Divergence>,
 }
 
-/// Replays `path` through today's core and compares every step's decisions
-/// with the digest recorded when it was written.
-pub fn check(path: &Path, around: usize) -> Result<Check, String> {
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    check_from(
-        &path.display().to_string(),
-        std::io::BufReader::new(file),
-        around,
-    )
-}
-
-/// `check` of a segment read from `lines` (named `name` in errors).
+/// Replays a segment read from `lines` (named `name` in errors) through
+/// today's core and compares every step's decisions with the digest
+/// recorded when it was written.
 pub fn check_from(
     name: &str,
     lines: impl std::io::BufRead,
@@ -494,6 +485,11 @@ mod tests {
             plan: "basic".into(),
             spec: SubmitSpec::command(["echo", "hi"]),
         }
+    }
+
+    fn check(path: &Path, around: usize) -> Result<Check, String> {
+        let file = File::open(path).unwrap();
+        check_from("segment", std::io::BufReader::new(file), around)
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
