@@ -367,8 +367,8 @@ async fn e2e_the_journal_replays_a_real_run_to_the_states_in_the_store() {
 async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
     let mut sup = Supervisor::start(1).await;
     sup.wait_agents(1).await;
-    let mut spec = sh("echo \"a key of ${#API_KEY} characters\"");
-    spec.env.insert("API_KEY".into(), "s3cret-value".into());
+    let mut spec = sh("echo \"a value of ${#DB_URL} characters\"");
+    spec.env.insert("DB_URL".into(), "s3cret-value".into());
     let job = sup.admin.submit(&spec).await.unwrap().job.id;
     sup.wait_state(&sup.admin, job, JobState::Succeeded, BOUND)
         .await;
@@ -394,8 +394,8 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
         .collect();
     for line in &lines {
         let spec_env = [
-            line.pointer("/input/spec/env/API_KEY"),
-            line.pointer("/spec/env/API_KEY"),
+            line.pointer("/input/spec/env/DB_URL"),
+            line.pointer("/spec/env/DB_URL"),
         ];
         for value in spec_env.into_iter().flatten() {
             assert_eq!(value, "<redacted>");
@@ -407,7 +407,7 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
     let jobs = header["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["id"], job.0);
-    assert_eq!(jobs[0]["spec"]["env"]["API_KEY"], "<redacted>");
+    assert_eq!(jobs[0]["spec"]["env"]["DB_URL"], "<redacted>");
     assert!(
         header["config"]["plans"].is_object(),
         "{}",
@@ -432,13 +432,13 @@ async fn e2e_an_incident_bundle_holds_the_window_and_no_secret() {
         .iter()
         .find(|l| l.pointer("/input/input") == Some(&"submit".into()))
         .expect("the submit");
-    assert_eq!(submit["input"]["spec"]["env"]["API_KEY"], "<redacted>");
+    assert_eq!(submit["input"]["spec"]["env"]["DB_URL"], "<redacted>");
     assert!(
         !text.contains("s3cret-value"),
         "an environment value leaked"
     );
     assert!(
-        text.contains("a key of 12 characters"),
+        text.contains("a value of 12 characters"),
         "the job ran with it"
     );
     // The bundle's inputs, redacted, replay through today's scheduler to
