@@ -89,6 +89,21 @@ enum Command {
         #[arg(long, default_value = "10m")]
         time: String,
     },
+    /// Imports an incident bundle (`foreman incident`) as a scenario: the
+    /// topology, workload and fault plan read from its journal, what cannot
+    /// be read said in comments. Runs it on seeds 1..=N and keeps the
+    /// recorded end states it reproduces as expectations; a job the
+    /// simulator ends otherwise, or the outcome checker rejects, is
+    /// reported and left to the checkers.
+    Import {
+        bundle: PathBuf,
+        /// The scenario file to write (e.g. scenarios/regressions/NAME.toml).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// How many seeds it is checked on.
+        #[arg(long, default_value_t = 5)]
+        seeds: u64,
+    },
     /// Cancellation-point exploration: drops each path's future at its 1st,
     /// 2nd, … poll and checks nothing leaked.
     Explore {
@@ -129,6 +144,7 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
+        Command::Import { bundle, out, seeds } => import_bundle(&bundle, &out, seeds.max(1)),
         Command::Explore { path, polls } => explore(path.as_deref(), polls),
         Command::Report {
             scenarios,
@@ -430,6 +446,199 @@ fn shrink_file(path: &Path, seed: u64, out: Option<PathBuf>, budget: Budget) -> 
         "  replay: cargo xtask sim run {} --seed {seed}",
         out.display()
     );
+    0
+}
+
+/// How a job ended in a run: its state, attempts and exit code.
+type End = (foreman::core::JobState, usize, Option<i32>);
+
+fn import_bundle(path: &Path, out: &Path, seeds: u64) -> i32 {
+    let file = path.display().to_string();
+    let draft = std::fs::File::open(path)
+        .map_err(|e| format!("{file}: {e}"))
+        .and_then(|f| foreman_sim::import::read(&file, std::io::BufReader::new(f)));
+    let mut draft = match draft {
+        Ok(draft) => draft,
+        Err(e) => {
+            eprintln!("{e}");
+            return USAGE;
+        }
+    };
+    let name = out
+        .file_stem()
+        .map_or("imported".into(), |s| s.to_string_lossy().into_owned());
+    let out_name = out.display().to_string();
+    let parse = |text: &str| Scenario::parse(&out_name, &name, text);
+    let scenario = match parse(&draft.to_toml()) {
+        Ok(scenario) => scenario,
+        Err(e) => {
+            let _ = std::fs::write(out, draft.to_toml());
+            eprintln!("the imported scenario does not check: {e}\n(written as it is to {out_name}, to be edited)");
+            return 1;
+        }
+    };
+    println!(
+        "{file}: {} jobs ({} ended), {} agents, {} faults, {} users",
+        scenario.jobs.len(),
+        draft.recorded.len(),
+        scenario.topology.agents,
+        scenario.faults.len(),
+        scenario.users.len()
+    );
+    // Each ended job's end on every seed, and what the outcome checker said.
+    let mut ends: std::collections::BTreeMap<String, Vec<(u64, Option<End>)>> = Default::default();
+    let mut rejected: std::collections::BTreeMap<String, (Vec<u64>, String)> = Default::default();
+    // The rare events every seed reached: what the incident is made of.
+    let mut reached: Option<std::collections::BTreeSet<&'static str>> = None;
+    for seed in 1..=seeds {
+        let result = run(&scenario, seed);
+        let here: std::collections::BTreeSet<&'static str> =
+            foreman_sim::rare::reached(&result.trace)
+                .into_keys()
+                .collect();
+        reached = Some(match reached {
+            None => here,
+            Some(before) => before.intersection(&here).copied().collect(),
+        });
+        if let Some(crash) = &result.crash {
+            println!("  seed {seed}: crash: {crash}");
+        }
+        let finals: std::collections::BTreeMap<&str, End> = result
+            .trace
+            .iter()
+            .filter_map(|e| match &e.ev {
+                foreman_sim::trace::Ev::Final {
+                    name,
+                    state,
+                    attempts,
+                    exit_code,
+                    ..
+                } => Some((name.as_str(), (*state, *attempts, *exit_code))),
+                _ => None,
+            })
+            .collect();
+        for job in draft.recorded.keys() {
+            ends.entry(job.clone())
+                .or_default()
+                .push((seed, finals.get(job.as_str()).copied()));
+            let tag = format!("({job})");
+            if let Some(v) = result
+                .violations
+                .iter()
+                .find(|v| v.checker == "outcome" && v.message.contains(&tag))
+            {
+                let entry = rejected
+                    .entry(job.clone())
+                    .or_insert_with(|| (Vec::new(), v.message.clone()));
+                entry.0.push(seed);
+            }
+        }
+    }
+    let show = |end: &Option<End>| match end {
+        Some((state, attempts, code)) => format!(
+            "{} after {attempts} attempts{}",
+            state.as_str(),
+            code.map_or(String::new(), |c| format!(", exit code {c}"))
+        ),
+        None => "not listed at the end".into(),
+    };
+    let mut reproduced = 0;
+    let recorded = draft.recorded.clone();
+    for (job, end) in &recorded {
+        let want = Some((end.state, end.attempts, end.exit_code));
+        let runs = &ends[job];
+        let recorded_as = show(&want);
+        if let Some((on, message)) = rejected.get(job) {
+            println!("  {job}: the outcome checker rejects its end on seeds {on:?}: {message}");
+            draft.drop_expectation(
+                job,
+                format!(
+                    "recorded {recorded_as}; the outcome checker rejects how it ends on \
+                     seeds {on:?}: {message}"
+                ),
+            );
+        } else if runs.iter().all(|(_, got)| *got == want) {
+            reproduced += 1;
+        } else {
+            let others: Vec<String> = runs
+                .iter()
+                .filter(|(_, got)| *got != want)
+                .map(|(seed, got)| format!("seed {seed}: {}", show(got)))
+                .collect();
+            println!(
+                "  {job}: recorded {recorded_as}; the simulator differs ({})",
+                others.join("; ")
+            );
+            draft.drop_expectation(
+                job,
+                format!(
+                    "recorded {recorded_as}; the simulator differs ({})",
+                    others.join("; ")
+                ),
+            );
+        }
+    }
+    println!(
+        "reproduced {reproduced} of {} ended jobs as recorded on every seed (1-{seeds})",
+        recorded.len()
+    );
+    draft.expect.reached = reached
+        .unwrap_or_default()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    draft.source.push(format!(
+        "Checked on seeds 1-{seeds} when imported: {reproduced} of {} ended jobs ended as \
+         recorded on every seed, and reached the rare events in expect.reached; the \
+         expectations below are theirs.",
+        recorded.len()
+    ));
+    if !draft.expect.reached.is_empty() {
+        println!("reached on every seed: {}", draft.expect.reached.join(", "));
+    }
+    let text = draft.to_toml();
+    let scenario = match parse(&text) {
+        Ok(scenario) => scenario,
+        Err(e) => {
+            eprintln!("the imported scenario does not check: {e}");
+            return 1;
+        }
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let partial = out.with_extension("toml.partial");
+    if let Err(e) = std::fs::write(&partial, &text).and_then(|()| std::fs::rename(&partial, out)) {
+        eprintln!("{out_name}: {e}");
+        return USAGE;
+    }
+    // How the written scenario fares: a failure here is the incident
+    // reproduced (or something the import could not say).
+    let mut failing = Vec::new();
+    for seed in 1..=seeds {
+        let result = run(&scenario, seed);
+        if result.verdict() != Verdict::Pass {
+            let first = result
+                .crash
+                .clone()
+                .or_else(|| result.violations.first().map(|v| v.to_string()))
+                .unwrap_or_default();
+            failing.push(format!(
+                "seed {seed}: {}: {first}",
+                result.verdict().as_str()
+            ));
+        }
+    }
+    if failing.is_empty() {
+        println!("wrote {out_name}: it passes on seeds 1-{seeds}");
+    } else {
+        println!(
+            "wrote {out_name}: it fails on {} of {seeds} seeds (the incident, reproduced, until it is fixed):",
+            failing.len()
+        );
+        failing.iter().for_each(|f| println!("  {f}"));
+    }
+    println!("  run: cargo xtask sim run {out_name} --seed 1");
     0
 }
 

@@ -11,10 +11,12 @@
 //! - `journal`: the supervisor's journal, replayed after a run.
 //! - `play`: one scenario on one seed, on a fresh runtime and thread.
 //! - `shrink`: delta debugging of a failing scenario.
+//! - `import`: an incident bundle as a scenario.
 
 pub mod checkers;
 #[cfg(madsim)]
 pub mod explore;
+pub mod import;
 pub mod journal;
 #[cfg(madsim)]
 pub mod play;

@@ -229,6 +229,9 @@ pub enum Situation {
     Running,
     /// Its agent's connection is gone and the grace period runs.
     AgentReconnecting,
+    /// It has ended: the cancel changes nothing (as one that reached a
+    /// supervisor after the job's end).
+    Ended,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -510,7 +510,7 @@ fn situation_of(trace: &Trace, job: JobId) -> Option<Situation> {
                         agent_away = false;
                     }
                     K::Started => now = Some(Situation::Running),
-                    K::Ended => return None,
+                    K::Ended => return Some(Situation::Ended),
                     _ => {}
                 },
                 Ev::Core {

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         Some("sim") => sim(&args[1..]),
         Some("fuzz") => sim(&[&["fuzz".to_string()], &args[1..]].concat()),
         _ => {
-            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|fsync|processes|memory|listing|deep]... | sim run|fuzz|shrink|report|explore ... | fuzz ...");
+            eprintln!("usage: cargo xtask test | bench [criterion args] | load [noop|rate|fsync|processes|memory|listing|deep]... | sim run|fuzz|shrink|import|report|explore ... | fuzz ...");
             return ExitCode::from(2);
         }
     };
