@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
 
 use foreman::core::{
-    CoreConfig, Effect, EventKind, GoneReason, Input, Job, JobState, Outcome, StopReason,
+    CoreConfig, Effect, EventKind, GoneReason, Input, Job, JobState, Link, Outcome, StopReason,
     SubmitSpec,
 };
 use foreman::server::journal::{replay_from, Line};
@@ -524,6 +524,10 @@ impl Reading {
     }
 }
 
+/// The time two messages take on the simulator's default network (1 to 5
+/// ms each): what of a dispatch-to-start the network already stands for.
+const SIM_HOPS_MS: u64 = 6;
+
 /// The name a job gets in the scenario.
 pub fn job_name(id: u64) -> String {
     format!("job-{id}")
@@ -694,7 +698,21 @@ fn draft(file: &str, header: &Value, segments: &[Segment]) -> Result<Draft, Stri
                             );
                         }
                         for agent in &snapshot.agents {
-                            reading.agent(&agent.id.0, agent.cpus);
+                            let id = agent.id.0.to_string();
+                            let aim = reading.running_on(&id);
+                            let seen = reading.agent(&id, agent.cpus);
+                            match &agent.link {
+                                Link::Connected { conn, .. } => seen.conn = Some(conn.0),
+                                Link::Disconnected { reason, .. } => {
+                                    // Gone before the window: down from the start.
+                                    seen.away = Some(Action::KillAgent);
+                                    let why = format!(
+                                        "agent {id} was gone when the window opened ({})",
+                                        reason.as_str()
+                                    );
+                                    reading.fault(at.0, Action::KillAgent, &id, aim, why);
+                                }
+                            }
                         }
                     }
                 }
@@ -1015,6 +1033,7 @@ fn job_plan(
         max_run_secs,
         max_attempts: max_attempts.max(1),
         stop_ms: 0,
+        start_ms: 0,
         client_timeout_ms: 0,
         no_retry: false,
     };
@@ -1022,6 +1041,20 @@ fn job_plan(
         lines.push("No record of it in the bundle: a one-second job that exits 0.".into());
         return (plan, lines, None);
     };
+    // How long its first process took to start, beyond the two messages
+    // the simulator's network carries meanwhile (the order, the report).
+    if let Some(first) = record.attempts.first() {
+        if let Some(started) = first.started_at {
+            let took = started.0.saturating_sub(first.dispatched_at.0);
+            let start_ms = took.saturating_sub(SIM_HOPS_MS);
+            if start_ms >= SIM_HOPS_MS {
+                plan.start_ms = start_ms.min(600_000);
+                lines.push(format!(
+                    "Its first process started {took} ms after it was dispatched."
+                ));
+            }
+        }
+    }
     // Its program, from the attempt that ended by itself.
     let natural = record.attempts.iter().rev().find_map(|a| match &a.outcome {
         Some(

@@ -147,6 +147,7 @@ pub fn process_env(job: &JobPlan) -> BTreeMap<String, String> {
     set("SIM_HANG", job.hang, "1".into());
     set("SIM_CRASH", job.crash, "1".into());
     set("SIM_STOP_MS", job.stop_ms > 0, job.stop_ms.to_string());
+    set("SIM_START_MS", job.start_ms > 0, job.start_ms.to_string());
     env
 }
 
@@ -206,6 +207,12 @@ impl Runner for SimRunner {
             let output = env.get("SIM_OUTPUT").cloned().unwrap_or_default();
             let parts = number("SIM_OUTPUT_PARTS", 1).clamp(1, 64) as usize;
             let term_output = env.get("SIM_TERM_OUTPUT").cloned().unwrap_or_default();
+            let start_ms = number("SIM_START_MS", 0).max(0) as u64;
+            if start_ms > 0 {
+                // Run dir, fork, exec: nothing runs yet, and nothing can be
+                // killed until it does.
+                tokio::time::sleep(Duration::from_millis(start_ms)).await;
+            }
             let file = runner.disk.create(order.run_dir.join("output"));
             runner.trace.push(Ev::ProcessStarted {
                 job: order.job.0,

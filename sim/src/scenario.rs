@@ -135,6 +135,12 @@ pub struct JobPlan {
     /// between SIGTERM and its exit), at most the runner's kill grace.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stop_ms: u64,
+    /// How long its process takes to start once its agent is told to run
+    /// it (a real agent makes its run dir, forks and execs): the process
+    /// and its clock start this much later, and a kill meanwhile lands
+    /// once it has started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_ms: u64,
     /// Its client gives up on each submit request after this long and
     /// hangs up (mid-request: the supervisor may have committed it); 0: 10 s.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -591,6 +597,13 @@ impl Scenario {
                     span,
                     &field("stop_ms"),
                     format!("{} ms; at most {KILL_GRACE_MS}", j.stop_ms),
+                ));
+            }
+            if j.start_ms > 600_000 {
+                return Err(at(
+                    span,
+                    &field("start_ms"),
+                    format!("{} ms; at most 10 minutes", j.start_ms),
                 ));
             }
             if !(1..=64).contains(&j.output_parts) {

@@ -96,6 +96,8 @@ pub fn scenario(seed: u64) -> (Scenario, String) {
                 output_parts: 1,
                 term_output: String::new(),
                 stop_ms: 0,
+                // Not drawn, so that every seed keeps the world it had.
+                start_ms: 0,
                 client_timeout_ms: 0,
                 no_retry: false,
             }

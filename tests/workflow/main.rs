@@ -86,7 +86,7 @@ async fn workflow_a_production_incident_is_bundled_imported_and_reproduced() {
     // A job allowing two attempts; its agent is killed under it and the
     // supervisor's local driver starts the agent again.
     let retried = submitted(&sup.admin, &{
-        let mut spec = sh("sleep 1; echo retried");
+        let mut spec = sh("sleep 3; echo retried");
         spec.max_attempts = 2;
         spec
     })
@@ -161,12 +161,13 @@ async fn workflow_a_production_incident_is_bundled_imported_and_reproduced() {
     let path = scenario.display().to_string();
     let seeds = SEEDS.to_string();
     let (ok, out) = run(&sim, &["import", &bundle, "-o", &path, "--seeds", &seeds]);
-    assert!(ok, "{out}");
+    let written = std::fs::read_to_string(&scenario).unwrap_or_default();
+    assert!(ok, "{out}\n{written}");
     assert!(
         out.contains(&format!(
             "reproduced 5 of 5 ended jobs as recorded on every seed (1-{SEEDS})"
         )),
-        "{out}"
+        "{out}\n{written}"
     );
     assert!(
         out.contains(&format!("it passes on seeds 1-{SEEDS}")),

@@ -222,13 +222,18 @@ impl Maker {
     }
 
     fn text(&self, format: u64) -> String {
+        self.text_from(0, format)
+    }
+
+    /// The bundle of the segments from `first` on.
+    fn text_from(&self, first: usize, format: u64) -> String {
         let mut out = serde_json::json!({
             "bundle": "foreman-incident", "format": format, "foreman_version": "0.1.0",
             "created_at": 90_000,
         })
         .to_string();
         out.push('\n');
-        for (i, lines) in self.segments.iter().enumerate() {
+        for (i, lines) in self.segments.iter().enumerate().skip(first) {
             out.push_str(&format!("{{\"segment\":\"{i}.jsonl\"}}\n"));
             for line in lines {
                 out.push_str(line);
@@ -419,9 +424,10 @@ fn import_a_race_between_cancel_and_completion_goes_the_recorded_way() {
         },
         Outcome::Exited { code: 0 },
     );
+    // Their processes took 200 ms to start.
     for job in [1, 2] {
         m.message(
-            1_110,
+            1_300,
             "a",
             1,
             AgentMsg::Started {
@@ -485,6 +491,71 @@ fn import_a_race_between_cancel_and_completion_goes_the_recorded_way() {
     assert!(!scenario.expect.exit_codes.contains_key("job-1"));
     let ended = job(&scenario, "job-2");
     assert_eq!((ended.hang, ended.duration_ms), (false, 890));
+    // Less the two messages the simulated network carries meanwhile.
+    assert_eq!((won.start_ms, ended.start_ms), (194, 194));
     assert_eq!(scenario.expect.states["job-2"], JobState::Succeeded);
     assert!(draft.to_toml().contains("(the cancel changed nothing)"));
+}
+
+#[test]
+fn import_a_window_that_opens_mid_run_starts_from_its_snapshot() {
+    let mut m = Maker::new();
+    m.connect(1_000, "a", 1, &[]);
+    m.connect(1_000, "b", 2, &[]);
+    m.submit(1_500, "admin", "premium", &["sleep", "600"]);
+    m.message(
+        1_510,
+        "a",
+        1,
+        AgentMsg::Started {
+            job: JobId(1),
+            attempt: 1,
+        },
+    );
+    m.input(
+        2_000,
+        Input::AgentGone {
+            conn: ConnId(2),
+            agent: AgentId("b".into()),
+            reason: GoneReason::Closed,
+        },
+    );
+    // The journal rotated: the bundle's window opens with this segment.
+    m.segment(5_000, false);
+    m.input(
+        25_000,
+        Input::AgentGone {
+            conn: ConnId(1),
+            agent: AgentId("a".into()),
+            reason: GoneReason::PingTimeout,
+        },
+    );
+    let draft = read_text(&m.text_from(1, BUNDLE_FORMAT)).unwrap();
+    let scenario = scenario_of(&draft);
+    let faults: Vec<(u64, Action, Option<Target>, Option<&str>)> = scenario
+        .faults
+        .iter()
+        .map(|f| (f.at_ms, f.action, f.agent.clone(), f.job.as_deref()))
+        .collect();
+    assert_eq!(
+        faults,
+        [
+            // Gone before the window: down from the start.
+            (0, Action::KillAgent, Some(Target::One(1)), None),
+            // Connected in the snapshot, silent a (default) ping timeout
+            // before it was dropped, running the job.
+            (5_000, Action::Partition, None, Some("job-1")),
+        ]
+    );
+    let live = job(&scenario, "job-1");
+    assert_eq!(live.at_ms, 0);
+    let text = draft.to_toml();
+    for says in [
+        "Submitted before the window",
+        "No supervisor start in the window",
+        "agent b was gone when the window opened (connection closed)",
+        "Still running when the bundle was taken, after 88490 ms",
+    ] {
+        assert!(text.contains(says), "{says:?} not in\n{text}");
+    }
 }
