@@ -449,9 +449,6 @@ fn shrink_file(path: &Path, seed: u64, out: Option<PathBuf>, budget: Budget) -> 
     0
 }
 
-/// How a job ended in a run: its state, attempts and exit code.
-type End = (foreman::core::JobState, usize, Option<i32>);
-
 fn import_bundle(path: &Path, out: &Path, seeds: u64) -> i32 {
     let file = path.display().to_string();
     let draft = std::fs::File::open(path)
@@ -485,114 +482,25 @@ fn import_bundle(path: &Path, out: &Path, seeds: u64) -> i32 {
         scenario.faults.len(),
         scenario.users.len()
     );
-    // Each ended job's end on every seed, and what the outcome checker said.
-    let mut ends: std::collections::BTreeMap<String, Vec<(u64, Option<End>)>> = Default::default();
-    let mut rejected: std::collections::BTreeMap<String, (Vec<u64>, String)> = Default::default();
-    // The rare events every seed reached: what the incident is made of.
-    let mut reached: Option<std::collections::BTreeSet<&'static str>> = None;
+    let mut runs = Vec::new();
     for seed in 1..=seeds {
         let result = run(&scenario, seed);
-        let here: std::collections::BTreeSet<&'static str> =
-            foreman_sim::rare::reached(&result.trace)
-                .into_keys()
-                .collect();
-        reached = Some(match reached {
-            None => here,
-            Some(before) => before.intersection(&here).copied().collect(),
-        });
         if let Some(crash) = &result.crash {
             println!("  seed {seed}: crash: {crash}");
         }
-        let finals: std::collections::BTreeMap<&str, End> = result
-            .trace
-            .iter()
-            .filter_map(|e| match &e.ev {
-                foreman_sim::trace::Ev::Final {
-                    name,
-                    state,
-                    attempts,
-                    exit_code,
-                    ..
-                } => Some((name.as_str(), (*state, *attempts, *exit_code))),
-                _ => None,
-            })
-            .collect();
-        for job in draft.recorded.keys() {
-            ends.entry(job.clone())
-                .or_default()
-                .push((seed, finals.get(job.as_str()).copied()));
-            let tag = format!("({job})");
-            if let Some(v) = result
-                .violations
-                .iter()
-                .find(|v| v.checker == "outcome" && v.message.contains(&tag))
-            {
-                let entry = rejected
-                    .entry(job.clone())
-                    .or_insert_with(|| (Vec::new(), v.message.clone()));
-                entry.0.push(seed);
-            }
-        }
+        runs.push(foreman_sim::import::SeedRun::of(
+            seed,
+            &result.trace,
+            &result.violations,
+        ));
     }
-    let show = |end: &Option<End>| match end {
-        Some((state, attempts, code)) => format!(
-            "{} after {attempts} attempts{}",
-            state.as_str(),
-            code.map_or(String::new(), |c| format!(", exit code {c}"))
-        ),
-        None => "not listed at the end".into(),
-    };
-    let mut reproduced = 0;
-    let recorded = draft.recorded.clone();
-    for (job, end) in &recorded {
-        let want = Some((end.state, end.attempts, end.exit_code));
-        let runs = &ends[job];
-        let recorded_as = show(&want);
-        if let Some((on, message)) = rejected.get(job) {
-            println!("  {job}: the outcome checker rejects its end on seeds {on:?}: {message}");
-            draft.drop_expectation(
-                job,
-                format!(
-                    "recorded {recorded_as}; the outcome checker rejects how it ends on \
-                     seeds {on:?}: {message}"
-                ),
-            );
-        } else if runs.iter().all(|(_, got)| *got == want) {
-            reproduced += 1;
-        } else {
-            let others: Vec<String> = runs
-                .iter()
-                .filter(|(_, got)| *got != want)
-                .map(|(seed, got)| format!("seed {seed}: {}", show(got)))
-                .collect();
-            println!(
-                "  {job}: recorded {recorded_as}; the simulator differs ({})",
-                others.join("; ")
-            );
-            draft.drop_expectation(
-                job,
-                format!(
-                    "recorded {recorded_as}; the simulator differs ({})",
-                    others.join("; ")
-                ),
-            );
-        }
-    }
+    let judged = draft.judge(&runs);
+    judged.lines.iter().for_each(|l| println!("  {l}"));
     println!(
-        "reproduced {reproduced} of {} ended jobs as recorded on every seed (1-{seeds})",
-        recorded.len()
+        "reproduced {} of {} ended jobs as recorded on every seed (1-{seeds})",
+        judged.reproduced,
+        draft.recorded.len()
     );
-    draft.expect.reached = reached
-        .unwrap_or_default()
-        .into_iter()
-        .map(String::from)
-        .collect();
-    draft.source.push(format!(
-        "Checked on seeds 1-{seeds} when imported: {reproduced} of {} ended jobs ended as \
-         recorded on every seed, and reached the rare events in expect.reached; the \
-         expectations below are theirs.",
-        recorded.len()
-    ));
     if !draft.expect.reached.is_empty() {
         println!("reached on every seed: {}", draft.expect.reached.join(", "));
     }

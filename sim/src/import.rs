@@ -121,6 +121,145 @@ impl Draft {
     }
 }
 
+/// How a job ended in a run: its state, attempts and exit code.
+pub type End = (JobState, usize, Option<i32>);
+
+/// One seed's run of an imported scenario, as the import judges it.
+#[derive(Debug, Default)]
+pub struct SeedRun {
+    pub seed: u64,
+    /// Each job's end, by name, as the API listed it at the end.
+    pub ends: BTreeMap<String, End>,
+    /// The outcome checker's verdict on each job it rejected, by name.
+    pub rejected: BTreeMap<String, String>,
+    /// The rare events the run reached.
+    pub reached: BTreeSet<&'static str>,
+}
+
+impl SeedRun {
+    pub fn of(
+        seed: u64,
+        trace: &[crate::trace::Entry],
+        violations: &[crate::checkers::Violation],
+    ) -> SeedRun {
+        let ends = trace
+            .iter()
+            .filter_map(|e| match &e.ev {
+                crate::trace::Ev::Final {
+                    name,
+                    state,
+                    attempts,
+                    exit_code,
+                    ..
+                } => Some((name.clone(), (*state, *attempts, *exit_code))),
+                _ => None,
+            })
+            .collect::<BTreeMap<_, _>>();
+        let mut rejected = BTreeMap::new();
+        for v in violations.iter().filter(|v| v.checker == "outcome") {
+            // "job 7 (job-7): ..."
+            if let Some(name) = ends
+                .keys()
+                .find(|name| v.message.contains(&format!("({name})")))
+            {
+                rejected
+                    .entry(name.clone())
+                    .or_insert_with(|| v.message.clone());
+            }
+        }
+        SeedRun {
+            seed,
+            ends,
+            rejected,
+            reached: crate::rare::reached(trace).into_keys().collect(),
+        }
+    }
+}
+
+/// What the import's runs showed.
+#[derive(Debug, Default)]
+pub struct Judged {
+    /// Ended jobs every seed ended as recorded, the outcome checker
+    /// accepting.
+    pub reproduced: usize,
+    /// One line per job whose expectations went, and why.
+    pub lines: Vec<String>,
+}
+
+fn show(end: Option<&End>) -> String {
+    match end {
+        Some((state, attempts, code)) => format!(
+            "{} after {attempts} attempts{}",
+            state.as_str(),
+            code.map_or(String::new(), |c| format!(", exit code {c}"))
+        ),
+        None => "not listed at the end".into(),
+    }
+}
+
+impl Draft {
+    /// Keeps the expectations of the ended jobs that every run in `runs`
+    /// ended as recorded, with the outcome checker accepting that end;
+    /// drops the others, saying why (a job the checker rejects is the
+    /// incident: the checker judges it, and the scenario fails until the
+    /// bug is fixed). The rare events every run reached become
+    /// `expect.reached`.
+    pub fn judge(&mut self, runs: &[SeedRun]) -> Judged {
+        let mut judged = Judged::default();
+        let seeds = match (runs.first(), runs.last()) {
+            (Some(a), Some(b)) => format!("{}-{}", a.seed, b.seed),
+            _ => "none".into(),
+        };
+        for (job, end) in self.recorded.clone() {
+            let want: End = (end.state, end.attempts, end.exit_code);
+            let recorded = show(Some(&want));
+            let rejected: Vec<(u64, &String)> = runs
+                .iter()
+                .filter_map(|r| r.rejected.get(&job).map(|m| (r.seed, m)))
+                .collect();
+            let differ: Vec<String> = runs
+                .iter()
+                .filter(|r| r.ends.get(&job) != Some(&want))
+                .map(|r| format!("seed {}: {}", r.seed, show(r.ends.get(&job))))
+                .collect();
+            let why = if let Some((_, message)) = rejected.first() {
+                let on: Vec<u64> = rejected.iter().map(|(seed, _)| *seed).collect();
+                format!(
+                    "recorded {recorded}; the outcome checker rejects how it ends on seeds \
+                     {on:?}: {message}"
+                )
+            } else if !differ.is_empty() || runs.is_empty() {
+                format!(
+                    "recorded {recorded}; the simulator differs ({})",
+                    differ.join("; ")
+                )
+            } else {
+                judged.reproduced += 1;
+                continue;
+            };
+            judged.lines.push(format!("{job}: {why}"));
+            self.drop_expectation(&job, why);
+        }
+        let mut reached = runs.iter().map(|r| r.reached.clone());
+        let first = reached.next().unwrap_or_default();
+        self.expect.reached = reached
+            .fold(first, |all, here| {
+                all.intersection(&here).copied().collect()
+            })
+            .into_iter()
+            .map(String::from)
+            .collect();
+        self.source.push(format!(
+            "Checked on seeds {seeds} when imported: {} of {} ended jobs ended as recorded \
+             on every seed, and reached the rare events in expect.reached; the expectations \
+             below are theirs.",
+            judged.reproduced,
+            self.recorded.len()
+        ));
+        judged
+    }
+}
+
 /// `text` as comment lines, each at most one line of the file.
 fn comment(text: &str) -> String {
     text.lines()

@@ -559,3 +559,58 @@ fn import_a_window_that_opens_mid_run_starts_from_its_snapshot() {
         assert!(text.contains(says), "{says:?} not in\n{text}");
     }
 }
+
+#[test]
+fn import_keeps_what_every_seed_reproduces_and_leaves_the_rest_to_the_checkers() {
+    let mut draft = read_text(REAL).unwrap();
+    let as_recorded: BTreeMap<String, End> = draft
+        .recorded
+        .iter()
+        .map(|(name, r)| (name.clone(), (r.state, r.attempts, r.exit_code)))
+        .collect();
+    let seed = |seed: u64, reached: &[&'static str]| SeedRun {
+        seed,
+        ends: as_recorded.clone(),
+        rejected: BTreeMap::new(),
+        reached: reached.iter().copied().collect(),
+    };
+    let mut runs = vec![
+        seed(1, &["cancel-while-running", "ping-timeout"]),
+        seed(2, &["cancel-while-running"]),
+        seed(3, &["cancel-while-running", "ping-timeout"]),
+    ];
+    // Seed 2 runs the killed agent's job to its end in one attempt.
+    runs[1]
+        .ends
+        .insert("job-3".into(), (JobState::Succeeded, 1, Some(0)));
+    // The outcome checker rejects job 5's end (as recorded) on seed 3.
+    runs[2].rejected.insert(
+        "job-5".into(),
+        "job 5 (job-5): ended failed; allowed: {lost}".into(),
+    );
+    let judged = draft.judge(&runs);
+    assert_eq!(judged.reproduced, 3);
+    assert_eq!(
+        judged.lines,
+        [
+            "job-3: recorded succeeded after 2 attempts, exit code 0; the simulator differs \
+             (seed 2: succeeded after 1 attempts, exit code 0)",
+            "job-5: recorded failed after 1 attempts, exit code 3; the outcome checker rejects \
+             how it ends on seeds [3]: job 5 (job-5): ended failed; allowed: {lost}",
+        ]
+    );
+    let scenario = scenario_of(&draft);
+    let expected: Vec<&str> = scenario.expect.states.keys().map(String::as_str).collect();
+    assert_eq!(expected, ["job-1", "job-2", "job-4"]);
+    assert!(!scenario.expect.exit_codes.contains_key("job-5"));
+    assert_eq!(scenario.expect.reached, ["cancel-while-running"]);
+    let text = draft.to_toml();
+    assert!(
+        text.contains("# job-5: no expectation: recorded failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Checked on seeds 1-3 when imported: 3 of 5 ended jobs"),
+        "{text}"
+    );
+}
