@@ -619,7 +619,11 @@ impl Reading {
     fn supervisor_fact(&mut self, at: u64, event: &str, settings: &Value) {
         match event {
             "started" if self.t0.is_some_and(|t0| at > t0) => {
-                let down = self.last_at.min(at.saturating_sub(1));
+                // Up at its last line, down by this start: written a little
+                // after that line, so that what it handled last stays before
+                // the crash whatever the seed does to the timing.
+                let last = self.last_at.min(at.saturating_sub(1));
+                let down = last + (at.saturating_sub(last) / 2).min(CRASH_AFTER_LAST_MS);
                 let how = match self.last_fact.as_deref() {
                     Some("stopped") => "stopped cleanly (the simulator's supervisor only crashes)",
                     Some("panicked") => "panicked",
@@ -636,7 +640,9 @@ impl Reading {
                         latency_ms: None,
                     },
                     vec![format!(
-                        "the supervisor {how}; its last line is at {rel} ms"
+                        "the supervisor {how} between its last line, at {} ms, and its next \
+                         start; written at {rel} ms",
+                        self.rel(last)
                     )],
                 ));
                 self.faults.push((
@@ -666,6 +672,10 @@ impl Reading {
 /// The time two messages take on the simulator's default network (1 to 5
 /// ms each): what of a dispatch-to-start the network already stands for.
 const SIM_HOPS_MS: u64 = 6;
+
+/// How long after its last journal line a supervisor that crashed is
+/// written to crash (at most half the way to its next start).
+const CRASH_AFTER_LAST_MS: u64 = 50;
 
 /// The name a job gets in the scenario.
 pub fn job_name(id: u64) -> String {
@@ -1237,7 +1247,6 @@ fn job_plan(
                 .max();
             match ran {
                 Some(ran) if record.state.is_terminal() => {
-                    plan.hang = true;
                     let how: Vec<String> = record
                         .attempts
                         .iter()
@@ -1248,11 +1257,31 @@ fn job_plan(
                             Some(other) => format!("{other:?}"),
                         })
                         .collect();
-                    lines.push(format!(
-                        "It never ended by itself (attempts {}; the longest ran {ran} ms): a \
-                         process that runs until it is killed.",
-                        how.join(", ")
-                    ));
+                    let how = how.join(", ");
+                    if matches!(record.state, JobState::Canceled | JobState::TimedOut) {
+                        // Its cancel or its run limit ends it, here too.
+                        plan.hang = true;
+                        lines.push(format!(
+                            "It never ended by itself (attempts {how}; the longest ran {ran} \
+                             ms): a process that runs until it is killed."
+                        ));
+                    } else {
+                        // Its end is unknown: it ran at least until it was
+                        // killed, and may have run until the bundle was taken.
+                        let first = record.attempts.iter().find_map(|a| a.started_at);
+                        let until = match (first, created) {
+                            (Some(first), Some(created)) => created.saturating_sub(first.0),
+                            _ => 0,
+                        };
+                        plan.duration_ms = ran.max(until);
+                        lines.push(format!(
+                            "It never ended by itself (attempts {how}; the longest ran {ran} \
+                             ms) and no cancel or run limit stopped it: its own end is \
+                             unknown; written to run {} ms (from its first start to the \
+                             bundle), then exit 0.",
+                            plan.duration_ms
+                        ));
+                    }
                 }
                 Some(ran) => {
                     plan.duration_ms = ran;

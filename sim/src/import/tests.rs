@@ -196,9 +196,13 @@ impl Maker {
     }
 
     fn submit(&mut self, at: u64, user: &str, plan: &str, argv: &[&str]) {
+        self.submit_tries(at, user, plan, argv, 2);
+    }
+
+    fn submit_tries(&mut self, at: u64, user: &str, plan: &str, argv: &[&str], tries: u32) {
         self.request += 1;
         let mut spec = SubmitSpec::command(argv.iter().copied());
-        spec.max_attempts = 2;
+        spec.max_attempts = tries;
         self.input(
             at,
             Input::Submit {
@@ -293,7 +297,8 @@ fn import_infers_partitions_crashes_late_agents_and_renamed_users() {
             (15_000, Action::Partition, None, Some("job-1")),
             (20_000, Action::Heal, None, Some("job-1")),
             (29_000, Action::RestartAgent, Some(Target::One(1)), None),
-            (30_000, Action::CrashSupervisor, None, None),
+            // Its last line at 30 s: written to crash 50 ms after.
+            (30_050, Action::CrashSupervisor, None, None),
             (39_000, Action::RestartSupervisor, None, None),
         ]
     );
@@ -613,4 +618,48 @@ fn import_keeps_what_every_seed_reproduces_and_leaves_the_rest_to_the_checkers()
         text.contains("Checked on seeds 1-3 when imported: 3 of 5 ended jobs"),
         "{text}"
     );
+}
+
+#[test]
+fn import_a_job_lost_with_its_agent_runs_on_until_the_bundle_was_taken() {
+    let mut m = Maker::new();
+    m.connect(1_000, "a", 1, &[]);
+    m.submit_tries(1_000, "admin", "premium", &["sleep", "600"], 1);
+    m.message(
+        1_100,
+        "a",
+        1,
+        AgentMsg::Started {
+            job: JobId(1),
+            attempt: 1,
+        },
+    );
+    m.input(
+        2_000,
+        Input::AgentGone {
+            conn: ConnId(1),
+            agent: AgentId("a".into()),
+            reason: GoneReason::Closed,
+        },
+    );
+    // Its grace runs out: the job is lost (its only attempt).
+    m.input(70_000, Input::Tick);
+    let draft = read_text(&m.text(BUNDLE_FORMAT)).unwrap();
+    let scenario = scenario_of(&draft);
+    let lost = job(&scenario, "job-1");
+    // Nobody knows when its program would have ended: at least when the
+    // bundle was taken (90 s), 88.9 s after it started.
+    assert_eq!((lost.hang, lost.duration_ms), (false, 88_900));
+    assert_eq!(scenario.expect.states["job-1"], JobState::Lost);
+    let faults: Vec<(u64, Action, Option<&str>)> = scenario
+        .faults
+        .iter()
+        .map(|f| (f.at_ms, f.action, f.job.as_deref()))
+        .collect();
+    assert_eq!(
+        faults,
+        [(1_000, Action::KillAgent, Some("job-1"))],
+        "never back"
+    );
+    assert!(draft.to_toml().contains("its own end is unknown"));
 }
