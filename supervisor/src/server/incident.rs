@@ -334,10 +334,18 @@ pub fn segments_of(lines: impl BufRead) -> Result<Option<Vec<(String, String)>>,
         let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
         if n == 0 {
             let first: Option<Value> = serde_json::from_str(&line).ok();
-            if first.as_ref().and_then(|h| h.get("bundle"))
-                != Some(&Value::from("foreman-incident"))
-            {
+            let Some(first) = first.filter(|h| h.get("bundle") == Some(&"foreman-incident".into()))
+            else {
                 return Ok(None);
+            };
+            let format = first.get("format").and_then(Value::as_u64).unwrap_or(0);
+            if format == 0 || format > u64::from(BUNDLE_FORMAT) {
+                return Err(format!(
+                    "line 1: bundle format {} (written by foreman {}); this foreman reads \
+                     format {BUNDLE_FORMAT}",
+                    first.get("format").unwrap_or(&Value::Null),
+                    first.get("foreman_version").unwrap_or(&Value::Null)
+                ));
             }
             header = true;
             continue;
@@ -353,6 +361,9 @@ pub fn segments_of(lines: impl BufRead) -> Result<Option<Vec<(String, String)>>,
             }
             (None, None) => return Err(format!("line {}: a line before the first segment", n + 1)),
         }
+    }
+    if header && segments.is_empty() {
+        return Err("the bundle holds no journal segment: nothing to replay".into());
     }
     Ok(header.then_some(segments))
 }
@@ -394,7 +405,7 @@ mod tests {
     #[test]
     fn incident_a_bundle_is_read_back_segment_by_segment() {
         let read = |text: &str| segments_of(std::io::Cursor::new(text.to_string()));
-        let bundle = "{\"bundle\":\"foreman-incident\"}\n{\"segment\":\"1.jsonl\"}\na\nb\n{\"segment\":\"current.jsonl\"}\nc\n";
+        let bundle = "{\"bundle\":\"foreman-incident\",\"format\":1}\n{\"segment\":\"1.jsonl\"}\na\nb\n{\"segment\":\"current.jsonl\"}\nc\n";
         assert_eq!(
             read(bundle).unwrap(),
             Some(vec![
@@ -406,11 +417,29 @@ mod tests {
         assert_eq!(read("{\"at\":1,\"snapshot\":{}}\n").unwrap(), None);
         assert_eq!(read("not json\n").unwrap(), None);
         assert_eq!(read("").unwrap(), None);
-        let err = read("{\"bundle\":\"foreman-incident\"}\nstray\n").unwrap_err();
+        let err = read("{\"bundle\":\"foreman-incident\",\"format\":1}\nstray\n").unwrap_err();
         assert!(
             err.contains("line 2: a line before the first segment"),
             "{err}"
         );
+        // A later format, one with none, and a bundle of nothing are refused.
+        for (text, says) in [
+            (
+                "{\"bundle\":\"foreman-incident\",\"format\":2,\"foreman_version\":\"9.0.0\"}\n",
+                "line 1: bundle format 2 (written by foreman \"9.0.0\"); this foreman reads format 1",
+            ),
+            (
+                "{\"bundle\":\"foreman-incident\"}\n{\"segment\":\"1.jsonl\"}\na\n",
+                "line 1: bundle format null",
+            ),
+            (
+                "{\"bundle\":\"foreman-incident\",\"format\":1}\n",
+                "no journal segment",
+            ),
+        ] {
+            let err = read(text).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]
