@@ -89,7 +89,7 @@ impl Draft {
         for line in &self.source {
             out.push_str(&comment(line));
         }
-        out.push_str(&table("description", Value::from(self.description.clone())));
+        out.push_str(&section("description", &self.description));
         out.push('\n');
         for line in &self.notes {
             out.push_str(&comment(line));
@@ -100,17 +100,17 @@ impl Draft {
         out.push_str(&section("topology", &self.topology));
         for user in &self.users {
             out.push('\n');
-            out.push_str(&array_entry("users", user));
+            out.push_str(&section("users", &[user]));
         }
         for (job, lines) in &self.jobs {
             out.push('\n');
             lines.iter().for_each(|l| out.push_str(&comment(l)));
-            out.push_str(&array_entry("jobs", job));
+            out.push_str(&section("jobs", &[job]));
         }
         for (fault, lines) in &self.faults {
             out.push('\n');
             lines.iter().for_each(|l| out.push_str(&comment(l)));
-            out.push_str(&array_entry("faults", fault));
+            out.push_str(&section("faults", &[fault]));
         }
         out.push('\n');
         for (job, why) in &self.unexpected {
@@ -267,31 +267,12 @@ fn comment(text: &str) -> String {
         .collect()
 }
 
-fn table(key: &str, value: Value) -> String {
-    let mut map = toml::Table::new();
-    map.insert(
-        key.into(),
-        toml::Value::try_from(value).expect("a string is TOML"),
-    );
-    toml::to_string(&map).expect("a table writes")
-}
-
+/// `value` under `key` as TOML: a table, or (a slice) an array of tables.
 fn section(key: &str, value: &impl serde::Serialize) -> String {
     let mut map = toml::Table::new();
     map.insert(
         key.into(),
         toml::Value::try_from(value).expect("scenario parts are TOML"),
-    );
-    toml::to_string(&map).expect("a table writes")
-}
-
-fn array_entry(key: &str, value: &impl serde::Serialize) -> String {
-    let mut map = toml::Table::new();
-    map.insert(
-        key.into(),
-        toml::Value::Array(vec![
-            toml::Value::try_from(value).expect("scenario parts are TOML")
-        ]),
     );
     toml::to_string(&map).expect("a table writes")
 }
@@ -343,6 +324,16 @@ impl Reading {
         at.saturating_sub(self.t0.unwrap_or(at))
     }
 
+    /// A setting of the supervisor's first start in the window (the
+    /// shipped default without one).
+    fn setting(&self, key: &str, default: u64) -> u64 {
+        self.starts
+            .first()
+            .and_then(|(_, s)| s.get(key))
+            .and_then(Value::as_u64)
+            .unwrap_or(default)
+    }
+
     fn ms(&self, at: u64) -> String {
         format!("{} ms", self.rel(at))
     }
@@ -388,7 +379,8 @@ impl Reading {
     }
 
     /// One step of the replay: the input, and what the core decided on it.
-    fn step(&mut self, at: u64, input: &Input, effects: &[Effect], ping_timeout_ms: u64) {
+    fn step(&mut self, at: u64, input: &Input, effects: &[Effect]) {
+        let ping_timeout_ms = self.setting("ping_timeout_ms", 15_000);
         self.last_at = self.last_at.max(at);
         match input {
             Input::Submit {
@@ -808,13 +800,6 @@ pub fn read(file: &str, input: impl BufRead) -> Result<Draft, String> {
 
 fn draft(file: &str, header: &Value, segments: &[Segment]) -> Result<Draft, String> {
     let mut reading = Reading::default();
-    let ping = |key: &str, starts: &[(u64, Value)], default: u64| {
-        starts
-            .first()
-            .and_then(|(_, s)| s.get(key))
-            .and_then(Value::as_u64)
-            .unwrap_or(default)
-    };
     for segment in segments {
         // The lines before this segment's own, blank, so that the replay's
         // errors name the bundle's lines.
@@ -828,6 +813,10 @@ fn draft(file: &str, header: &Value, segments: &[Segment]) -> Result<Draft, Stri
         let mut facts: BTreeMap<usize, (u64, String, Value)> = BTreeMap::new();
         for (i, text) in segment.text.lines().enumerate() {
             let n = segment.first_line + i;
+            // Inputs are the replay's to decode; only these lines are read here.
+            if !(text.contains("\"snapshot\":") || text.contains("\"supervisor\":")) {
+                continue;
+            }
             match serde_json::from_str::<Line>(text) {
                 Ok(Line::Snapshot { at, snapshot }) => {
                     if reading.t0.is_none() {
@@ -879,8 +868,7 @@ fn draft(file: &str, header: &Value, segments: &[Segment]) -> Result<Draft, Stri
             {
                 reading.supervisor_fact(at, &event, &settings);
             }
-            let timeout = ping("ping_timeout_ms", &reading.starts, 15_000);
-            reading.step(step.at.0, &step.input, &step.effects, timeout);
+            reading.step(step.at.0, &step.input, &step.effects);
         });
         replayed.map_err(|e| format!("{e} (in segment {})", segment.name))?;
         for (_, (at, event, settings)) in pending {
@@ -916,10 +904,8 @@ fn draft(file: &str, header: &Value, segments: &[Segment]) -> Result<Draft, Stri
         }
         _ => CoreConfig::default(),
     };
-    Ok(assemble(file, header, reading, config, created, &ping))
+    Ok(assemble(file, header, reading, config, created))
 }
-
-type Ping<'a> = &'a dyn Fn(&str, &[(u64, Value)], u64) -> u64;
 
 fn assemble(
     file: &str,
@@ -927,13 +913,12 @@ fn assemble(
     mut reading: Reading,
     config: CoreConfig,
     created: Option<u64>,
-    ping: Ping,
 ) -> Draft {
     let t0 = reading.t0.unwrap_or(0);
     let defaults = Topology::default();
     let mut topology = Topology {
-        ping_interval_ms: ping("ping_interval_ms", &reading.starts, 5_000),
-        ping_timeout_ms: ping("ping_timeout_ms", &reading.starts, 15_000),
+        ping_interval_ms: reading.setting("ping_interval_ms", 5_000),
+        ping_timeout_ms: reading.setting("ping_timeout_ms", 15_000),
         // The shipped agent's longest wait between connection attempts.
         reconnect_max_ms: 10_000,
         ..defaults.clone()
